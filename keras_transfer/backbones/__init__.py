@@ -1,0 +1,36 @@
+"""Backbones: the registry, the keras.applications specs, blocks, preprocessing."""
+
+from keras_transfer.backbones import applications  # noqa: F401  (registers specs)
+from keras_transfer.backbones.blocks import (
+    Block,
+    backbone_blocks,
+    detect_block_rule,
+    get_backbone,
+)
+from keras_transfer.backbones.preprocessing import (
+    PREPROCESSING_MODES,
+    ImagePreprocessing,
+)
+from keras_transfer.backbones.registry import (
+    BACKBONE_NAME,
+    BackboneSpec,
+    create_backbone,
+    get_backbone_spec,
+    list_backbones,
+    register_backbone,
+)
+
+__all__ = [
+    "BACKBONE_NAME",
+    "PREPROCESSING_MODES",
+    "Block",
+    "BackboneSpec",
+    "ImagePreprocessing",
+    "backbone_blocks",
+    "create_backbone",
+    "detect_block_rule",
+    "get_backbone",
+    "get_backbone_spec",
+    "list_backbones",
+    "register_backbone",
+]

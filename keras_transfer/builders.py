@@ -1,0 +1,239 @@
+"""Functional model builders: input -> augmentation -> preprocessing -> backbone -> head."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import keras
+
+from keras_transfer.backbones import ImagePreprocessing, create_backbone
+from keras_transfer.heads import HEAD_NAME, make_head, validate_head
+
+BN_POLICIES = ("frozen", "affine", "train")
+POOLINGS = ("avg", "max")
+AUGMENTATIONS = ("none", "light", "standard")
+# Mild geometric and photometric jitter: the Keras transfer-learning guide
+# uses flip + rotation 0.1; zoom/contrast 0.1 follow MediaPipe Model Maker's
+# image classifier augmentation strength.
+_ROTATION = 0.05
+_ZOOM = 0.1
+_CONTRAST = 0.1
+INPUT_NAME = "image"
+
+
+def make_augmentation(augmentation) -> keras.layers.Layer | None:
+    """Returns the augmentation block for a name, a layer, or a list of layers.
+
+    Augmentation layers are active only in training (`fit`), never in
+    `predict`, evaluation or export.
+
+    Args:
+        augmentation: `None`/`"none"`, `"light"` (horizontal flip),
+            `"standard"` (flip, small rotation, zoom, contrast), a
+            `keras.layers.Layer`, or a list of layers.
+
+    Returns:
+        A `keras.Sequential` named `"augmentation"`, or None.
+
+    Example:
+    >>> from keras_transfer import make_augmentation
+    >>> [layer.name for layer in make_augmentation("light").layers]
+    ['random_flip']
+    """
+    if augmentation is None or augmentation == "none":
+        return None
+    if isinstance(augmentation, str):
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(
+                f"`augmentation` must be one of {AUGMENTATIONS}, a layer or a list "
+                f"of layers. Received: augmentation={augmentation!r}"
+            )
+        layers = [keras.layers.RandomFlip("horizontal", name="random_flip")]
+        if augmentation == "standard":
+            layers += [
+                keras.layers.RandomRotation(_ROTATION, name="random_rotation"),
+                keras.layers.RandomZoom(_ZOOM, name="random_zoom"),
+                keras.layers.RandomContrast(_CONTRAST, name="random_contrast"),
+            ]
+    elif isinstance(augmentation, keras.layers.Layer):
+        layers = [augmentation]
+    elif isinstance(augmentation, Sequence) and all(
+        isinstance(layer, keras.layers.Layer) for layer in augmentation
+    ):
+        layers = list(augmentation)
+    else:
+        raise ValueError(
+            f"`augmentation` must be one of {AUGMENTATIONS}, a layer or a list of "
+            f"layers. Received: augmentation={augmentation!r}"
+        )
+    return keras.Sequential(layers, name="augmentation")
+
+
+def _validate_choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {allowed}. Received: {name}={value!r}")
+
+
+def _features(
+    backbone,
+    *,
+    weights,
+    input_shape,
+    pooling,
+    augmentation,
+    bn_policy,
+    preprocessing,
+    backbone_kwargs,
+):
+    """Builds input -> [augmentation] -> [preprocessing] -> backbone -> pooling."""
+    _validate_choice("pooling", pooling, POOLINGS)
+    _validate_choice("bn_policy", bn_policy, BN_POLICIES)
+    augment = make_augmentation(augmentation)
+    base, spec = create_backbone(
+        backbone, input_shape=input_shape, weights=weights, **backbone_kwargs
+    )
+    mode = preprocessing if preprocessing is not None else (spec.preprocessing if spec else "none")
+    shape = tuple(base.input_shape[1:])
+    inputs = keras.Input(shape=shape, name=INPUT_NAME)
+    x = inputs
+    # Augment in raw 0-255 pixel space so value ranges are the same for every
+    # family; then map pixels to the backbone's convention.
+    if augment is not None:
+        x = augment(x)
+    if mode != "none":
+        x = ImagePreprocessing(mode, name="preprocessing")(x)
+    # "frozen" and "affine" keep BatchNorm in inference mode for good: the
+    # Keras transfer-learning guide's advice, so unfreezing never wrecks the
+    # pretrained statistics. "train" (fastai's train_bn) leaves it to `fit`.
+    x = base(x, training=False) if bn_policy != "train" else base(x)
+    if len(x.shape) == 4:
+        pool = (
+            keras.layers.GlobalAveragePooling2D
+            if pooling == "avg"
+            else keras.layers.GlobalMaxPooling2D
+        )
+        x = pool(name=f"{pooling}_pool")(x)
+    return inputs, x, base, spec
+
+
+def build_image_classifier(
+    backbone: str | keras.Model,
+    num_classes: int,
+    *,
+    weights: str | os.PathLike | None = "imagenet",
+    input_shape: Sequence[int] | None = None,
+    head: str = "softmax",
+    pooling: str = "avg",
+    dropout: float = 0.2,
+    augmentation=None,
+    bn_policy: str = "frozen",
+    freeze_backbone: bool = True,
+    preprocessing: str | None = None,
+    name: str | None = None,
+    **backbone_kwargs,
+) -> keras.Model:
+    """Builds a functional image classifier (or regressor) on a backbone.
+
+    The graph is `image (raw 0-255 RGB) -> augmentation (training only) ->
+    preprocessing -> backbone -> pooling -> dropout -> head`. The backbone is a
+    nested layer named `"backbone"`; the output layer is named `"head"`.
+
+    Args:
+        backbone: a registry name (see `list_backbones()`) or a `keras.Model`
+            that maps images to a feature map or a feature vector.
+        num_classes: number of outputs: classes (`"softmax"`), labels
+            (`"multi_label"`) or targets (`"regression"`).
+        weights: `"imagenet"` (download), `None` (random init) or the path of
+            a weights file for the backbone.
+        input_shape: `(height, width, 3)`; defaults to the backbone's size.
+        head: `"softmax"`, `"multi_label"` (sigmoid) or `"regression"`.
+        pooling: `"avg"` or `"max"` global pooling of the feature map.
+        dropout: dropout rate before the head, in [0, 1).
+        augmentation: see `make_augmentation`; None by default.
+        bn_policy: `"frozen"` (default; BatchNorm in inference mode, moving
+            statistics never change), `"affine"` (like frozen, but gamma/beta
+            train once unfrozen) or `"train"` (BatchNorm trains once unfrozen).
+        freeze_backbone: start with the backbone frozen (feature extraction).
+        preprocessing: override the spec's preprocessing mode (required for a
+            custom backbone that expects scaled input; default `"none"`).
+        name: model name; defaults to `"<backbone>_classifier"`.
+        **backbone_kwargs: passed to the backbone constructor (e.g.
+            `alpha=0.75`, `minimalistic=True`).
+
+    Returns:
+        A `keras.Model` (functional, uncompiled).
+
+    Example:
+    >>> import keras_transfer as kt
+    >>> model = kt.build_image_classifier(
+    ...     "mobilenet_v3_small", num_classes=3, weights=None,
+    ...     input_shape=(32, 32, 3))
+    >>> model.output_shape
+    (None, 3)
+    """
+    validate_head(head, num_classes)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+    inputs, x, base, spec = _features(
+        backbone,
+        weights=weights,
+        input_shape=input_shape,
+        pooling=pooling,
+        augmentation=augmentation,
+        bn_policy=bn_policy,
+        preprocessing=preprocessing,
+        backbone_kwargs=backbone_kwargs,
+    )
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = make_head(head, num_classes, name=HEAD_NAME)(x)
+    base.trainable = not freeze_backbone
+    if name is None:
+        name = f"{spec.name if spec else 'custom'}_classifier"
+    return keras.Model(inputs, outputs, name=name)
+
+
+def build_feature_extractor(
+    backbone: str | keras.Model,
+    *,
+    weights: str | os.PathLike | None = "imagenet",
+    input_shape: Sequence[int] | None = None,
+    pooling: str = "avg",
+    preprocessing: str | None = None,
+    name: str = "feature_extractor",
+    **backbone_kwargs,
+) -> keras.Model:
+    """Builds a frozen model that maps raw images to pooled feature vectors.
+
+    Args:
+        backbone: a registry name or a `keras.Model`.
+        weights: `"imagenet"`, `None` or a weights file path.
+        input_shape: `(height, width, 3)`; defaults to the backbone's size.
+        pooling: `"avg"` or `"max"`.
+        preprocessing: override the spec's preprocessing mode.
+        name: model name.
+        **backbone_kwargs: passed to the backbone constructor.
+
+    Returns:
+        A frozen functional `keras.Model` with output `(batch, features)`.
+
+    Example:
+    >>> import keras_transfer as kt
+    >>> extractor = kt.build_feature_extractor(
+    ...     "resnet50_v2", weights=None, input_shape=(32, 32, 3))
+    >>> extractor.output_shape
+    (None, 2048)
+    """
+    inputs, x, base, _ = _features(
+        backbone,
+        weights=weights,
+        input_shape=input_shape,
+        pooling=pooling,
+        augmentation=None,
+        bn_policy="frozen",
+        preprocessing=preprocessing,
+        backbone_kwargs=backbone_kwargs,
+    )
+    base.trainable = False
+    return keras.Model(inputs, x, name=name)
