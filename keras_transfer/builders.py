@@ -22,6 +22,33 @@ _CONTRAST = 0.1
 INPUT_NAME = "image"
 
 
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class InferenceBatchNormalization(keras.layers.BatchNormalization):
+    """BatchNormalization that always normalises with its moving statistics.
+
+    Gamma and beta still train when the layer is trainable; the moving mean
+    and variance never change. This is the `"affine"` BatchNorm policy.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        return super().call(inputs, training=False, mask=mask)
+
+
+def _with_inference_batch_norm(base: keras.Model) -> keras.Model:
+    """A copy of `base` (same weights) whose BatchNorm layers stay in inference mode."""
+
+    def clone(layer):
+        config = layer.get_config()
+        if type(layer) is keras.layers.BatchNormalization:
+            return InferenceBatchNormalization.from_config(config)
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(base, clone_function=clone)
+    copy.set_weights(base.get_weights())
+    copy.name = base.name
+    return copy
+
+
 def make_augmentation(augmentation) -> keras.layers.Layer | None:
     """Returns the augmentation block for a name, a layer, or a list of layers.
 
@@ -103,10 +130,13 @@ def _features(
         x = augment(x)
     if mode != "none":
         x = ImagePreprocessing(mode, name="preprocessing")(x)
-    # "frozen" and "affine" keep BatchNorm in inference mode for good: the
-    # Keras transfer-learning guide's advice, so unfreezing never wrecks the
-    # pretrained statistics. "train" (fastai's train_bn) leaves it to `fit`.
-    x = base(x, training=False) if bn_policy != "train" else base(x)
+    # Keras 3 functional models pass the outer `training` flag down to nested
+    # models (a `training=False` baked into the call is overridden by `fit`),
+    # so BatchNorm's mode follows its `trainable` flag ("frozen": never
+    # trainable, so always in inference mode) or, for "affine", its class.
+    if bn_policy == "affine":
+        base = _with_inference_batch_norm(base)
+    x = base(x)
     if len(x.shape) == 4:
         pool = (
             keras.layers.GlobalAveragePooling2D
@@ -151,9 +181,11 @@ def build_image_classifier(
         pooling: `"avg"` or `"max"` global pooling of the feature map.
         dropout: dropout rate before the head, in [0, 1).
         augmentation: see `make_augmentation`; None by default.
-        bn_policy: `"frozen"` (default; BatchNorm in inference mode, moving
-            statistics never change), `"affine"` (like frozen, but gamma/beta
-            train once unfrozen) or `"train"` (BatchNorm trains once unfrozen).
+        bn_policy: `"affine"` builds BatchNorm layers that always normalise
+            with their moving statistics (so gamma/beta can train while the
+            statistics stay fixed). `"frozen"` (default) and `"train"` build
+            ordinary BatchNorm; pick between them when unfreezing
+            (`kt.unfreeze(..., bn_policy=...)`, `kt.fine_tune`).
         freeze_backbone: start with the backbone frozen (feature extraction).
         preprocessing: override the spec's preprocessing mode (required for a
             custom backbone that expects scaled input; default `"none"`).

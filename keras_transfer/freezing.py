@@ -9,7 +9,7 @@ import keras
 import numpy as np
 
 from keras_transfer.backbones import backbone_blocks, get_backbone
-from keras_transfer.builders import BN_POLICIES
+from keras_transfer.builders import BN_POLICIES, InferenceBatchNormalization
 
 
 def _layer_tree(layer):
@@ -21,45 +21,44 @@ def _is_batch_norm(layer) -> bool:
     return isinstance(layer, keras.layers.BatchNormalization)
 
 
-def backbone_in_inference_mode(model: keras.Model) -> bool:
-    """True when `model` calls its `"backbone"` layer with `training=False`."""
-    backbone = get_backbone(model)
-    if backbone is model:
-        return False
-    return any(node.arguments.kwargs.get("training") is False for node in backbone._inbound_nodes)
+def _uses_inference_batch_norm(model: keras.Model) -> bool:
+    return any(
+        isinstance(layer, InferenceBatchNormalization) for layer in _layer_tree(get_backbone(model))
+    )
 
 
 def resolve_bn_policy(model: keras.Model, bn_policy: str | None = None) -> str:
     """Returns the BatchNorm policy to apply, checked against how `model` was built.
 
-    A model built with `bn_policy="train"` calls its backbone without
-    `training=False`; the other policies need BatchNorm in inference mode.
+    `"affine"` needs a model built with `bn_policy="affine"` (its BatchNorm
+    layers always normalise with their moving statistics); such a model can
+    only use `"affine"` or `"frozen"`.
 
     Args:
         model: a model with a `"backbone"` layer.
         bn_policy: `"frozen"`, `"affine"`, `"train"`, or None to infer
-            (`"train"` for a model built so, else `"frozen"`).
+            (`"affine"` for a model built so, else `"frozen"`).
 
     Returns:
         The policy name.
     """
-    inference = backbone_in_inference_mode(model)
+    affine_model = _uses_inference_batch_norm(model)
     if bn_policy is None:
-        return "frozen" if inference else "train"
+        return "affine" if affine_model else "frozen"
     if bn_policy not in BN_POLICIES:
         raise ValueError(
             f"`bn_policy` must be one of {BN_POLICIES}. Received: bn_policy={bn_policy!r}"
         )
-    if bn_policy == "train" and inference:
+    if bn_policy == "affine" and not affine_model:
         raise ValueError(
-            "bn_policy='train' needs BatchNorm in training mode, but this model calls "
-            "its backbone with training=False. Build it with "
-            "build_image_classifier(..., bn_policy='train'). Received: bn_policy='train'"
+            "bn_policy='affine' needs BatchNorm layers that stay in inference mode: "
+            "build the model with build_image_classifier(..., bn_policy='affine'). "
+            "Received: bn_policy='affine'"
         )
-    if bn_policy == "affine" and not inference and get_backbone(model) is not model:
+    if bn_policy == "train" and affine_model:
         raise ValueError(
-            "bn_policy='affine' needs a backbone called with training=False (the "
-            "model was built with bn_policy='train'). Received: bn_policy='affine'"
+            "bn_policy='train' needs ordinary BatchNorm layers, but this model was "
+            "built with bn_policy='affine'. Received: bn_policy='train'"
         )
     return bn_policy
 

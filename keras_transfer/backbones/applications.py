@@ -61,13 +61,12 @@ _BLOCK_RULES = {"efficientnet_v2": "efficientnet", "resnet_v2": "resnet"}
 
 def _build_application(class_name, input_shape, weights, name, **kwargs):
     constructor = getattr(keras.applications, class_name)
-    return constructor(
-        include_top=False,
-        weights=weights,
-        input_shape=tuple(input_shape),
-        name=name,
-        **kwargs,
+    model = constructor(
+        include_top=False, weights=weights, input_shape=tuple(input_shape), **kwargs
     )
+    # Renamed afterwards: EfficientNetV2 looks its block table up by `name`.
+    model.name = name
+    return model
 
 
 def _register_all():

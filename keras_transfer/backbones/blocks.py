@@ -62,13 +62,15 @@ def _by_boundary(boundary: str, rename: Callable[[str], str], stem_max_pools: in
 
     For Inception-style graphs the branch layers carry generated names and only
     the layer that joins the branches is named, so a block ends there. The stem
-    ends at its `stem_max_pools`-th max-pooling layer.
+    ends at its `stem_max_pools`-th max-pooling layer, or with the first group
+    when `stem_max_pools` is 0.
     """
     pattern = re.compile(boundary)
 
     def group(layers):
         blocks, members, pools = [], [], 0
-        in_stem = True
+        # Without stem pools, the first boundary group is the stem.
+        in_stem = stem_max_pools > 0
         for layer in layers:
             members.append(layer)
             if in_stem and isinstance(layer, keras.layers.MaxPooling2D):
@@ -77,7 +79,8 @@ def _by_boundary(boundary: str, rename: Callable[[str], str], stem_max_pools: in
                     blocks.append(Block("stem", tuple(members)))
                     members, in_stem = [], False
             elif pattern.fullmatch(layer.name):
-                blocks.append(Block(rename(layer.name), tuple(members)))
+                name = rename(layer.name) if blocks else "stem"
+                blocks.append(Block(name, tuple(members)))
                 members = []
         if members:
             blocks.append(Block("top", tuple(members)))
@@ -115,14 +118,11 @@ _RULES: dict[str, tuple[str, _Grouper]] = {
     ),
     "nasnet": (
         r"^stem_bn1$",
-        _by_name(
-            [
-                (
-                    r"^(?:normal|separable_conv|adjust|reduction)_.*?_"
-                    r"(stem_\d+|reduce_\d+|\d+)$",
-                    lambda match: f"cell_{match.group(1)}",
-                )
-            ]
+        # Cells interleave in topological order; each ends at its concat.
+        _by_boundary(
+            r"(normal|reduction)_concat_.*",
+            lambda name: "cell_" + re.sub(r"^(normal|reduction)_concat_", "", name),
+            stem_max_pools=0,
         ),
     ),
     "convnext": (
