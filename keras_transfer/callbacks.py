@@ -246,6 +246,7 @@ def lr_find(
         steps_per_epoch=num_steps,
         epochs=1,
         verbose=0,
+        shuffle=False,
         callbacks=[recorder],
     )
     losses = np.asarray(recorder.losses)

@@ -87,14 +87,13 @@ def _check_epochs(recipe, epochs):
     if epochs is None:
         return DEFAULT_EPOCHS[recipe]
     if recipe == "two_stage":
-        if isinstance(epochs, int):
-            epochs = (epochs, epochs)
-        if len(epochs) != 2 or min(epochs) < 0 or sum(epochs) < 1:
+        pair = (epochs, epochs) if isinstance(epochs, int) else tuple(epochs)
+        if len(pair) != 2 or min(pair) < 0 or sum(pair) < 1:
             raise ValueError(
-                "For recipe='two_stage', `epochs` must be (head_epochs, "
+                "For recipe='two_stage', `epochs` must be an int or (head_epochs, "
                 f"fine_tune_epochs) with a positive total. Received: epochs={epochs!r}"
             )
-        return tuple(int(e) for e in epochs)
+        return tuple(int(e) for e in pair)
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"`epochs` must be an integer >= 1. Received: epochs={epochs!r}")
     return epochs
