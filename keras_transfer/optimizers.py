@@ -243,7 +243,7 @@ def discriminative_multipliers(
     ...     input_shape=(32, 32, 3))
     >>> mult = kt.discriminative_multipliers(model, factor=0.5)
     >>> mult["conv_1/kernel"], mult["conv/kernel"]
-    (0.5, 0.000244140625)
+    (0.5, 0.0001220703125)
     """
     blocks = backbone_blocks(model)
     if factor is None:
