@@ -1,6 +1,9 @@
 """Backbones: the registry, the keras.applications specs, blocks, preprocessing."""
 
-from keras_transfer.backbones import applications  # noqa: F401  (registers specs)
+from keras_transfer.backbones import (  # noqa: F401  (register specs)
+    applications,
+    efficientnet_lite,
+)
 from keras_transfer.backbones.blocks import (
     Block,
     backbone_blocks,
