@@ -165,16 +165,18 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         UnsafeCheckpointError: for a checkpoint that references other globals.
 
     Example:
-    >>> import pickle, tempfile, os
+    >>> import os, pickle, tempfile
     >>> from keras_transfer.backbones.torch_checkpoint import load_torch_state_dict
+    >>> class Evil:
+    ...     def __reduce__(self):
+    ...         return (os.system, ("echo pwned",))
     >>> bad = os.path.join(tempfile.mkdtemp(), "bad.pth")
     >>> with open(bad, "wb") as f:
-    ...     f.write(b"\\x80\\x02cos\\nsystem\\nq\\x00X\\x04\\x00\\x00\\x00trueq\\x01\\x85q\\x02Rq\\x03.")
-    31
-    >>> load_torch_state_dict(bad)
+    ...     pickle.dump(Evil(), f, protocol=2)
+    >>> load_torch_state_dict(bad)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    keras_transfer.backbones.torch_checkpoint.UnsafeCheckpointError: Refusing to load global 'os.system' ...
+    keras_transfer.backbones.torch_checkpoint.UnsafeCheckpointError: Refusing to load global ...
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
