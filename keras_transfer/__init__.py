@@ -3,6 +3,7 @@
 Every function takes and returns plain Keras / TensorFlow objects.
 """
 
+from keras_transfer import data
 from keras_transfer.backbones import (
     PREPROCESSING_MODES,
     BackboneSpec,
@@ -22,6 +23,7 @@ from keras_transfer.builders import (
     make_augmentation,
 )
 from keras_transfer.callbacks import LRFinderResult, ProgressiveUnfreezing, lr_find
+from keras_transfer.evaluation import confusion_matrix, evaluate_classifier, format_report
 from keras_transfer.freezing import freeze_backbone, trainable_summary, unfreeze
 from keras_transfer.heads import (
     HEAD_TYPES,
@@ -37,7 +39,10 @@ from keras_transfer.optimizers import (
     prepare_for_unfreezing,
     warmup_cosine,
 )
+from keras_transfer.plots import plot_confusion_matrix, plot_training_curves
 from keras_transfer.recipes import RECIPES, fine_tune
+from keras_transfer.reports import save_history_json, write_run_report
+from keras_transfer.runs import RunConfig, train_run
 
 __version__ = "0.1.0"
 
@@ -53,14 +58,19 @@ __all__ = [
     "LayerwiseLearningRateMixin",
     "OneCycle",
     "ProgressiveUnfreezing",
+    "RunConfig",
     "SparseCategoricalCrossentropyWithSmoothing",
     "backbone_blocks",
     "build_feature_extractor",
     "build_image_classifier",
+    "confusion_matrix",
     "create_backbone",
+    "data",
     "discriminative_multipliers",
     "discriminative_optimizer",
+    "evaluate_classifier",
     "fine_tune",
+    "format_report",
     "freeze_backbone",
     "get_backbone",
     "get_backbone_spec",
@@ -69,9 +79,14 @@ __all__ = [
     "lr_find",
     "make_augmentation",
     "make_head",
+    "plot_confusion_matrix",
+    "plot_training_curves",
     "prepare_for_unfreezing",
     "register_backbone",
+    "save_history_json",
+    "train_run",
     "trainable_summary",
     "unfreeze",
     "warmup_cosine",
+    "write_run_report",
 ]

@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+
+import numpy as np
+
+# Names drawn at a stage boundary; the recipes' stage 1 trains the head alone
+# and stage 2 trains (part of) the backbone too (see `kt.fine_tune`).
+STAGE_NAMES = {1: "train head", 2: "fine-tune"}
+# Keys in a Keras history that are not per-epoch metrics worth a panel.
+_NON_METRIC_KEYS = ("stage", "learning_rate", "lr")
+# Inches per class for the confusion matrix, plus room for labels, so 10 long
+# class names ("T-shirt/top") stay readable.
+_INCHES_PER_CLASS = 0.75
+_CONFUSION_MARGIN_INCHES = 3.0
+_MIN_CONFUSION_INCHES = 5.0
+# Cells show the count under the percentage up to this many classes.
+_MAX_CLASSES_WITH_COUNTS = 12
 
 
 def _pyplot():
@@ -48,6 +64,213 @@ def plot_lr_find(result, path: str) -> str:
     ax.set_ylabel("training loss (smoothed)")
     ax.set_title("Learning-rate range test")
     ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _history_dict(history) -> dict:
+    values = getattr(history, "history", history)
+    if not isinstance(values, Mapping):
+        raise TypeError(
+            "`history` must be a keras.callbacks.History or a dict of per-epoch "
+            f"lists. Received: {type(history).__name__}"
+        )
+    return dict(values)
+
+
+def _first_metric(history):
+    if "accuracy" in history:
+        return "accuracy"
+    for key in history:
+        if key != "loss" and not key.startswith("val_") and key not in _NON_METRIC_KEYS:
+            return key
+    return None
+
+
+def _stage_changes(stages):
+    """(x position between two epochs, new stage) for each change of stage."""
+    return [
+        (index + 0.5, stages[index])
+        for index in range(1, len(stages))
+        if stages[index] != stages[index - 1]
+    ]
+
+
+def plot_training_curves(history, path: str, title: str | None = None) -> str:
+    """Plots loss and accuracy (or the first other metric) per epoch.
+
+    Training and validation curves share a panel; a dashed vertical line marks
+    each epoch where the `"stage"` entry (from `kt.fine_tune`) changes, e.g.
+    from training the head to fine-tuning the backbone.
+
+    Args:
+        history: a `keras.callbacks.History` or its `history` dict: per-epoch
+            lists under `"loss"`, optionally `"val_loss"`, metrics, their
+            `"val_"` versions and `"stage"`.
+        path: output PNG path (parent folders are created).
+        title: figure title; defaults to `"Training curves"`.
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: if `"loss"` is missing or empty, or the lists differ in
+            length.
+
+    Example:
+    >>> from keras_transfer.plots import plot_training_curves
+    >>> import tempfile, os
+    >>> out = os.path.join(tempfile.mkdtemp(), "curves.png")
+    >>> history = {"loss": [1.0, 0.7, 0.5], "val_loss": [1.1, 0.8, 0.7],
+    ...            "accuracy": [0.4, 0.6, 0.8], "stage": [1, 1, 2]}
+    >>> plot_training_curves(history, out) == out
+    True
+    """
+    values = _history_dict(history)
+    losses = values.get("loss")
+    if not losses:
+        raise ValueError(
+            f"`history` must hold a non-empty 'loss' list. Received keys: {sorted(values)}"
+        )
+    num_epochs = len(losses)
+    for key, series in values.items():
+        if len(series) != num_epochs:
+            raise ValueError(
+                f"Every `history` list must have one value per epoch ({num_epochs}). "
+                f"Received: len(history[{key!r}])={len(series)}"
+            )
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    metric = _first_metric(values)
+    panels = ["loss"] + ([metric] if metric else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    epochs = list(range(1, num_epochs + 1))
+    changes = _stage_changes(list(values.get("stage", [])))
+    for ax, key in zip(axes[0], panels, strict=True):
+        ax.plot(epochs, values[key], marker="o", markersize=3, label=f"train {key}")
+        if f"val_{key}" in values:
+            ax.plot(
+                epochs, values[f"val_{key}"], marker="o", markersize=3, label=f"validation {key}"
+            )
+        for x, stage in changes:
+            name = STAGE_NAMES.get(stage)
+            label = f"stage {stage}: {name}" if name else f"stage {stage}"
+            ax.axvline(x, color="tab:gray", linestyle="--", linewidth=1)
+            # Written along the line, where `legend(loc="best")` does not go.
+            ax.annotate(
+                label,
+                xy=(x, 1.0),
+                xycoords=("data", "axes fraction"),
+                xytext=(3, -4),
+                textcoords="offset points",
+                rotation=90,
+                ha="left",
+                va="top",
+                fontsize=8,
+                color="dimgray",
+            )
+        ax.set_title(key.replace("_", " "))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    fig.suptitle(title or "Training curves")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion_matrix(
+    matrix,
+    class_names,
+    path: str,
+    title: str = "Confusion matrix",
+    normalize: bool = True,
+) -> str:
+    """Draws a confusion matrix as a labelled heatmap.
+
+    Args:
+        matrix: square array of counts, rows true classes and columns
+            predicted classes (as `kt.evaluation.confusion_matrix` returns).
+        class_names: one name per row.
+        path: output PNG path (parent folders are created).
+        title: figure title.
+        normalize: colour each row by the fraction of its true class and
+            print percentages (with the counts for up to 12 classes);
+            otherwise colour and print raw counts.
+
+    Returns:
+        `path`.
+
+    Raises:
+        ValueError: if `matrix` is not square or `class_names` has a
+            different length.
+
+    Example:
+    >>> from keras_transfer.plots import plot_confusion_matrix
+    >>> import tempfile, os
+    >>> out = os.path.join(tempfile.mkdtemp(), "confusion.png")
+    >>> plot_confusion_matrix([[3, 1], [0, 4]], ["cat", "dog"], out) == out
+    True
+    """
+    counts = np.asarray(matrix)
+    if counts.ndim != 2 or counts.shape[0] != counts.shape[1] or counts.shape[0] < 1:
+        raise ValueError(
+            f"`matrix` must be a non-empty square 2-D array. Received: shape={counts.shape}"
+        )
+    class_names = [str(name) for name in class_names]
+    if len(class_names) != counts.shape[0]:
+        raise ValueError(
+            f"`class_names` must have one name per row of `matrix` ({counts.shape[0]}). "
+            f"Received: {len(class_names)} names"
+        )
+    plt = _pyplot()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    num_classes = counts.shape[0]
+    if normalize:
+        totals = counts.sum(axis=1, keepdims=True).astype(np.float64)
+        shown = np.divide(counts, totals, out=np.zeros(counts.shape), where=totals > 0)
+    else:
+        shown = counts.astype(np.float64)
+    side = max(_MIN_CONFUSION_INCHES, _INCHES_PER_CLASS * num_classes + _CONFUSION_MARGIN_INCHES)
+    fig, ax = plt.subplots(figsize=(side + 1.0, side))
+    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1.0 if normalize else max(shown.max(), 1))
+    colorbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    colorbar.set_label("fraction of true class" if normalize else "count")
+    with_counts = normalize and num_classes <= _MAX_CLASSES_WITH_COUNTS
+    threshold = (1.0 if normalize else max(shown.max(), 1)) / 2
+    font_size = 9 if num_classes <= 10 else 7
+    for row in range(num_classes):
+        for col in range(num_classes):
+            if normalize:
+                text = f"{shown[row, col]:.0%}"
+                if with_counts:
+                    text += f"\n({int(counts[row, col])})"
+            else:
+                text = f"{int(counts[row, col])}"
+            ax.text(
+                col,
+                row,
+                text,
+                ha="center",
+                va="center",
+                fontsize=font_size,
+                color="white" if shown[row, col] > threshold else "black",
+            )
+    ticks = np.arange(num_classes)
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xticklabels(class_names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticklabels(class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

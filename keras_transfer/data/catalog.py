@@ -1,0 +1,253 @@
+"""Named image datasets: Fashion-MNIST, scikit-learn digits, TFDS, folders.
+
+Fashion-MNIST and digits load offline from files that Debian and PyPI
+packages install (see OFFLINE_ASSETS.md); `"tfds:<name>"` downloads.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from keras_transfer.data.images import image_folder_dataset
+from keras_transfer.data.splits import (
+    AUTOTUNE,
+    DatasetSplits,
+    arrays_to_splits,
+    cap_per_class,
+    finish_pipeline,
+    stratified_split,
+    suggest,
+    to_float,
+    validate_image_size,
+    validate_max,
+    validate_split_options,
+)
+
+DATASET_NAMES = ("digits", "fashion_mnist")
+TFDS_PREFIX = "tfds:"
+# Debian package `dataset-fashion-mnist` installs the four standard IDX files here.
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+_FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+# Label order from the Fashion-MNIST README (github.com/zalandoresearch/fashion-mnist).
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+# IDX element types by the magic number's third byte (yann.lecun.com/exdb/mnist).
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# scikit-learn's digits hold integers in 0..16 (`load_digits().DESCR`).
+_DIGITS_MAX_VALUE = 16
+# Digits has no official test split: hold out the usual 20%.
+DIGITS_TEST_SPLIT = 0.2
+# Shuffle buffer for TFDS training splits, which may not fit in one buffer.
+_TFDS_SHUFFLE_BUFFER = 10_000
+
+
+def _read_idx(path):
+    """Reads an IDX file (gzipped or not): magic number, big-endian dims, data."""
+    with (gzip.open if os.fspath(path).endswith(".gz") else open)(path, "rb") as file:
+        data = file.read()
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_DTYPES:
+        raise ValueError(f"'{path}' is not an IDX file (magic number {data[:4].hex()})")
+    dims = np.frombuffer(data, ">u4", count=data[3], offset=4)
+    array = np.frombuffer(data, _IDX_DTYPES[data[2]], offset=4 + 4 * data[3])
+    if array.size != np.prod(dims):
+        raise ValueError(f"'{path}' holds {array.size} values; its header says {dims.tolist()}")
+    return array.reshape(dims).astype(array.dtype.newbyteorder("="))
+
+
+def _fashion_mnist_arrays(directory):
+    paths = {
+        s: [os.path.join(directory, f) for f in files] for s, files in _FASHION_MNIST_FILES.items()
+    }
+    if all(os.path.isfile(p) for files in paths.values() for p in files):
+        return {split: tuple(_read_idx(p) for p in files) for split, files in paths.items()}
+    import keras  # Downloads: only where the Debian files are absent.
+
+    train, test = keras.datasets.fashion_mnist.load_data()
+    return {"train": train, "test": test}
+
+
+def _load_fashion_mnist(
+    *, image_size, batch_size, validation_split, seed, max_per_class, max_test_per_class=None
+):
+    validate_split_options(batch_size, validation_split, 0.0)
+    validate_max("max_test_per_class", max_test_per_class)
+    arrays = _fashion_mnist_arrays(FASHION_MNIST_DIR)
+    (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
+    rows = cap_per_class(y_train, max_per_class, seed)
+    train, validation, _ = stratified_split(y_train[rows], validation_split, 0.0, seed)
+    test = cap_per_class(y_test, max_test_per_class, seed)
+    parts = {
+        "train": (x_train[rows[train]], y_train[rows[train]]),
+        "validation": (x_train[rows[validation]], y_train[rows[validation]]),
+        "test": (x_test[test], y_test[test]),
+    }
+    return arrays_to_splits(
+        parts,
+        FASHION_MNIST_CLASSES,
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=seed,
+        info={"source": "fashion_mnist", "skipped": []},
+    )
+
+
+def _load_digits(
+    *, image_size, batch_size, validation_split, seed, max_per_class, test_split=DIGITS_TEST_SPLIT
+):
+    validate_split_options(batch_size, validation_split, test_split)
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        raise ImportError("The digits dataset needs `pip install scikit-learn`.") from error
+    digits = load_digits()
+    images = (digits.images * (255.0 / _DIGITS_MAX_VALUE)).astype(np.float32)
+    rows = cap_per_class(digits.target, max_per_class, seed)
+    splits = stratified_split(digits.target[rows], validation_split, test_split, seed)
+    parts = {
+        split: (images[rows[part]], digits.target[rows[part]])
+        for split, part in zip(("train", "validation", "test"), splits, strict=True)
+    }
+    return arrays_to_splits(
+        parts,
+        [str(d) for d in range(10)],
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=seed,
+        info={"source": "digits", "skipped": []},
+    )
+
+
+def _load_tfds(name, *, image_size, batch_size, validation_split, seed, data_dir=None, cache=True):
+    validate_split_options(batch_size, validation_split, 0.0)
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as error:
+        raise ImportError("TFDS datasets need `pip install tensorflow-datasets`.") from error
+    builder = tfds.builder(name, data_dir=data_dir)
+    builder.download_and_prepare()
+    splits, percent = builder.info.splits, round(validation_split * 100)
+    names = {"train": "train", "validation": "validation" if "validation" in splits else None}
+    if names["validation"] is None and percent:
+        names = {"train": f"train[{percent}%:]", "validation": f"train[:{percent}%]"}
+    names["test"] = "test" if "test" in splits else None
+    wanted = {split: n for split, n in names.items() if n}
+    loaded = builder.as_dataset(
+        split=list(wanted.values()),
+        as_supervised=True,
+        shuffle_files=True,
+        read_config=tfds.ReadConfig(shuffle_seed=seed),
+    )
+
+    def prepare(image, label):
+        image = tf.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+        image = tf.image.resize(image, image_size, antialias=True)
+        return tf.saturate_cast(tf.round(image), tf.uint8), tf.cast(label, tf.int32)
+
+    datasets = dict.fromkeys(("train", "validation", "test"))
+    counts = dict.fromkeys(datasets, 0)
+    for split, dataset in zip(wanted, loaded, strict=True):
+        size = int(dataset.cardinality())
+        counts[split] = size if size >= 0 else None  # None: unknown
+        datasets[split] = finish_pipeline(
+            dataset.map(prepare, num_parallel_calls=AUTOTUNE),
+            training=split == "train",
+            count=min(size, _TFDS_SHUFFLE_BUFFER) if size > 0 else _TFDS_SHUFFLE_BUFFER,
+            batch_size=batch_size,
+            seed=seed,
+            transform=to_float,
+            cache=cache,
+        )
+    class_names = list(builder.info.features[builder.info.supervised_keys[1]].names)
+    source = {"source": f"{TFDS_PREFIX}{name}", "counts": counts, "skipped": []}
+    return DatasetSplits(**datasets, class_names=class_names, info=source)
+
+
+_LOADERS = {"digits": _load_digits, "fashion_mnist": _load_fashion_mnist}
+
+
+def load_dataset(
+    name: str | os.PathLike,
+    *,
+    image_size: Sequence[int] | None = (224, 224),
+    batch_size: int = 32,
+    validation_split: float = 0.1,
+    seed: int = 0,
+    max_per_class: int | None = None,
+    **kwargs,
+) -> DatasetSplits:
+    """Loads a labelled image dataset by name, ready for `fit`.
+
+    - `"fashion_mnist"`: 60k + 10k 28x28 grey clothes images, 10 classes,
+      read from the Debian `dataset-fashion-mnist` files (else downloaded).
+      The official test set is `test`; validation is carved from train.
+      `max_test_per_class=N` caps the test set as `max_per_class` does train.
+    - `"digits"`: scikit-learn's 1,797 8x8 digits (offline), 10 classes;
+      `test_split` (default 0.2) is held out for test.
+    - `"tfds:<name>"`: a TensorFlow Datasets image classification dataset
+      (downloads); `data_dir=` and `cache=` are passed on.
+    - an existing directory: `image_folder_dataset(name, ...)`.
+
+    Grey images become RGB; images are float32 in 0..255.
+
+    Args:
+        name: a dataset name, `"tfds:<name>"` or a directory.
+        image_size: `(height, width)` to resize to; None keeps the native
+            size (Fashion-MNIST and digits only).
+        batch_size: examples per batch.
+        validation_split: fraction of the training data held out per class.
+        seed: seed of the subset, the split and the training shuffle.
+        max_per_class: keep at most this many training examples per class
+            (a seeded choice), for small labelled subsets; None keeps all.
+        **kwargs: passed to the loader (see above).
+
+    Returns:
+        A `DatasetSplits`.
+
+    Example:
+    >>> from keras_transfer.data import load_dataset
+    >>> splits = load_dataset("digits", image_size=None, max_per_class=5)
+    >>> splits.num_classes, splits.info["counts"]["train"]
+    (10, 30)
+    """
+    image_size = validate_image_size(image_size, allow_none=True)
+    validate_max("max_per_class", max_per_class)
+    common = {
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "validation_split": validation_split,
+        "seed": seed,
+    }
+    path = os.fspath(name)
+    if path in _LOADERS:
+        return _LOADERS[path](max_per_class=max_per_class, **common, **kwargs)
+    if path.startswith(TFDS_PREFIX) or os.path.isdir(path):
+        if max_per_class is not None or image_size is None:
+            raise ValueError(
+                "`max_per_class` must be None and `image_size` set for TFDS datasets and "
+                f"folders. Received: max_per_class={max_per_class}, image_size={image_size}"
+            )
+        if os.path.isdir(path):
+            return image_folder_dataset(path, **common, **kwargs)
+        return _load_tfds(path[len(TFDS_PREFIX) :], **common, **kwargs)
+    raise ValueError(
+        f"`name` must be one of {DATASET_NAMES}, '{TFDS_PREFIX}<name>' or an existing "
+        f"directory. Received: name={path!r}.{suggest(path, DATASET_NAMES)}"
+    )

@@ -1,0 +1,310 @@
+"""Image datasets from a folder of class subfolders or from numpy arrays.
+
+Both return `DatasetSplits`: batched `tf.data.Dataset`s of `(images, labels)`
+with float32 RGB pixels in 0..255 (the toolkit's models take raw pixels and
+preprocess inside the graph) and int32 labels.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import tensorflow as tf
+
+from keras_transfer.data.splits import (
+    AUTOTUNE,
+    DatasetSplits,
+    arrays_to_splits,
+    finish_pipeline,
+    stratified_split,
+    to_float,
+    validate_image_size,
+    validate_split_options,
+)
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
+ON_ERROR_MODES = ("skip", "raise")
+# Formats `tf.io.decode_image` reads (TF 2.21; TIFF fails, WebP works: checked).
+_TF_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "WEBP")
+# Bit depths TensorFlow's BMP decoder reads (a 1-bit BMP fails: checked on TF 2.21).
+_TF_BMP_BITS = (8, 24, 32)
+# How many bad paths a warning or an error spells out.
+_MAX_LISTED = 5
+
+
+def _validate_arrays(images, labels, class_names):
+    images, labels = np.asarray(images), np.asarray(labels)
+    if not np.issubdtype(images.dtype, np.number) or images.ndim not in (3, 4):
+        raise ValueError(
+            "`images` must be a numeric array [n, h, w] or [n, h, w, 1|3]. "
+            f"Received: images with shape {images.shape} and dtype {images.dtype}"
+        )
+    if (images.ndim == 4 and images.shape[-1] not in (1, 3)) or not len(images):
+        raise ValueError(
+            f"`images` must be [n, h, w, 1|3] with n >= 1. Received: shape {images.shape}"
+        )
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(
+            f"`labels` must be a 1-D integer array with one label per image ({len(images)}). "
+            f"Received: labels with shape {labels.shape} and dtype {labels.dtype}"
+        )
+    if labels.min() < 0:
+        raise ValueError(f"`labels` must be >= 0. Received: min label {labels.min()}")
+    low, high = images.min(), images.max()
+    if low < 0 or high > 255:
+        raise ValueError(f"`images` must be in 0..255. Received: values in [{low}, {high}]")
+    if np.issubdtype(images.dtype, np.floating) and 0 < high <= 1:
+        warnings.warn(
+            f"`images` are in [{low}, {high}]: they look scaled to 0..1, but 0..255 is expected.",
+            stacklevel=3,
+        )
+    if class_names is None:
+        class_names = [str(i) for i in range(labels.max() + 1)]
+    if len(class_names) <= labels.max():
+        raise ValueError(
+            f"`class_names` must name every label (max label {labels.max()}). "
+            f"Received: class_names={class_names!r}"
+        )
+    return images, labels, [str(name) for name in class_names]
+
+
+def array_dataset(
+    images,
+    labels,
+    *,
+    image_size: Sequence[int] | None = None,
+    class_names: Sequence[str] | None = None,
+    batch_size: int = 32,
+    validation_split: float = 0.2,
+    test_split: float = 0.0,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Builds train / validation / test datasets from numpy arrays.
+
+    The split is stratified per class and fixed by `seed`. Grey images become
+    RGB (the channel is repeated) and are resized (bilinear, antialiased)
+    inside the `tf.data` pipeline, batch by batch.
+
+    Args:
+        images: array `[n, h, w]` (grey) or `[n, h, w, 1|3]`, any numeric
+            dtype, values in 0..255.
+        labels: integer array `[n]` of class indices.
+        image_size: `(height, width)` to resize to; None keeps `(h, w)`.
+        class_names: names of the classes; defaults to `"0"`, `"1"`, ...
+        batch_size: examples per batch.
+        validation_split: fraction of each class held out for validation.
+        test_split: fraction of each class held out for test.
+        seed: seed of the split and of the training shuffle.
+
+    Returns:
+        A `DatasetSplits`; `info["indices"]` maps each split to its rows.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras_transfer.data import array_dataset
+    >>> splits = array_dataset(np.zeros((6, 8, 8), "uint8"), np.arange(6) % 2,
+    ...                        image_size=(16, 16), batch_size=4)
+    >>> images, labels = next(iter(splits.train))
+    >>> tuple(images.shape), labels.dtype.name
+    ((4, 16, 16, 3), 'int32')
+    """
+    image_size = validate_image_size(image_size, allow_none=True)
+    validate_split_options(batch_size, validation_split, test_split)
+    images, labels, class_names = _validate_arrays(images, labels, class_names)
+    indices = dict(
+        zip(
+            ("train", "validation", "test"),
+            stratified_split(labels, validation_split, test_split, seed),
+            strict=True,
+        )
+    )
+    parts = {split: (images[rows], labels[rows]) for split, rows in indices.items()}
+    return arrays_to_splits(
+        parts,
+        class_names,
+        image_size=image_size,
+        batch_size=batch_size,
+        seed=seed,
+        info={"source": "arrays", "skipped": [], "indices": indices},
+    )
+
+
+def _import_pil():
+    try:
+        from PIL import Image
+    except ImportError as error:  # pragma: no cover - pillow comes with matplotlib
+        raise ImportError("Reading image folders needs Pillow: `pip install pillow`.") from error
+    return Image
+
+
+def _unreadable_reason(path):
+    """Why TensorFlow could not decode `path`, or None if it can."""
+    image_module = _import_pil()
+    try:
+        with image_module.open(path) as image:
+            image.load()
+            image_format = image.format
+    except Exception as error:  # PIL raises many error types for bad files.
+        return f"{type(error).__name__}: {error}"
+    if image_format not in _TF_FORMATS:
+        return f"{image_format} images cannot be decoded by tf.io.decode_image"
+    if image_format == "BMP":
+        with open(path, "rb") as file:
+            header = file.read(30)
+        # biBitCount: offset 28 (BITMAPINFOHEADER) or 24 (OS/2 BITMAPCOREHEADER, size 12).
+        offset = 24 if int.from_bytes(header[14:18], "little") == 12 else 28
+        bits = int.from_bytes(header[offset : offset + 2], "little")
+        if bits not in _TF_BMP_BITS:
+            return f"{bits}-bit BMP; TensorFlow reads only {_TF_BMP_BITS}-bit BMP files"
+    return None
+
+
+def _list_images(directory):
+    """Sorted class names and, per class, the sorted image paths under its folder."""
+    classes = sorted(
+        entry.name for entry in os.scandir(directory) if entry.is_dir() and entry.name[0] != "."
+    )
+    if not classes:
+        raise ValueError(
+            f"`directory` must hold one subfolder per class. Received: directory='{directory}' "
+            "has no subfolders"
+        )
+    files = []
+    for name in classes:
+        found = sorted(
+            os.path.join(root, file)
+            for root, _, names in os.walk(os.path.join(directory, name), followlinks=True)
+            for file in names
+            # Hidden files ("._x.jpg" from macOS) are metadata, not images.
+            if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith(".")
+        )
+        if not found:
+            raise ValueError(
+                f"class folder '{name}' has no images (extensions {IMAGE_EXTENSIONS}) in "
+                f"'{directory}'"
+            )
+        files.append(found)
+    return classes, files
+
+
+def _decode(image_size):
+    def decode(path, label):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image.set_shape([None, None, 3])
+        image = tf.image.resize(image, image_size, antialias=True)
+        # Cached as uint8 (4x smaller than float32); rounding moves a pixel by <= 0.5.
+        return tf.saturate_cast(tf.round(image), tf.uint8), label
+
+    return decode
+
+
+def image_folder_dataset(
+    directory: str | os.PathLike,
+    *,
+    image_size: Sequence[int] = (224, 224),
+    batch_size: int = 32,
+    validation_split: float = 0.2,
+    test_split: float = 0.0,
+    seed: int = 0,
+    on_error: str = "skip",
+    shuffle: bool = True,
+    cache: bool | str | os.PathLike = True,
+) -> DatasetSplits:
+    """Builds train / validation / test datasets from a folder of class folders.
+
+    `directory/<class name>/**/*.{jpg,jpeg,png,bmp,gif}`: classes are the
+    sorted subfolder names. Every file is opened and decoded with Pillow
+    first, so a corrupt or unsupported file is reported here, by path, and
+    never fails an epoch deep inside `tf.data`. The split is stratified per
+    class and fixed by `seed`. Images are decoded with `tf.io.decode_image`
+    (grey becomes RGB, an animation its first frame), resized and cached
+    after the first epoch.
+
+    Args:
+        directory: the folder of class subfolders.
+        image_size: `(height, width)` every image is resized to.
+        batch_size: examples per batch.
+        validation_split: fraction of each class held out for validation.
+        test_split: fraction of each class held out for test.
+        seed: seed of the split and of the training shuffle.
+        on_error: `"skip"` leaves unreadable files out (listed in
+            `info["skipped"]`, with a warning); `"raise"` raises.
+        shuffle: shuffle the training split every epoch.
+        cache: True caches decoded images in memory, a path caches them in
+            files `<path>.<split>`, False does not cache.
+
+    Returns:
+        A `DatasetSplits`; `info["paths"]` maps each split to its files.
+
+    Raises:
+        FileNotFoundError: `directory` does not exist.
+        ValueError: no class folders, a class without readable images, or
+            unreadable files with `on_error="raise"`.
+
+    Example:
+    >>> from keras_transfer.data import image_folder_dataset
+    >>> splits = image_folder_dataset("flowers/", image_size=(224, 224))  # doctest: +SKIP
+    >>> splits.class_names  # doctest: +SKIP
+    ['daisy', 'dandelion', 'roses', 'sunflowers', 'tulips']
+    """
+    if on_error not in ON_ERROR_MODES:
+        raise ValueError(
+            f"`on_error` must be one of {ON_ERROR_MODES}. Received: on_error={on_error!r}"
+        )
+    image_size = validate_image_size(image_size)
+    validate_split_options(batch_size, validation_split, test_split)
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(
+            f"`directory` must be an existing folder. Received: directory='{directory}' (not found)"
+        )
+    classes, files = _list_images(directory)
+    paths = [path for found in files for path in found]
+    labels = np.repeat(np.arange(len(classes)), [len(found) for found in files])
+    with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding.
+        reasons = list(pool.map(_unreadable_reason, paths))
+    skipped = [{"path": p, "reason": r} for p, r in zip(paths, reasons, strict=True) if r]
+    if skipped:
+        listed = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:_MAX_LISTED])
+        more = f"; and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
+        if on_error == "raise":
+            raise ValueError(
+                f"{len(skipped)} image file(s) cannot be decoded: {listed}{more}. "
+                "Remove them or pass on_error='skip'."
+            )
+        warnings.warn(
+            f"Skipped {len(skipped)} unreadable image file(s) in '{directory}': "
+            f"{listed}{more}. See `info['skipped']`.",
+            stacklevel=2,
+        )
+        keep = np.array([r is None for r in reasons])
+        paths, labels = [p for p, k in zip(paths, keep, strict=True) if k], labels[keep]
+        empty = sorted(set(range(len(classes))) - set(labels.tolist()))
+        if empty:
+            raise ValueError(f"class folder '{classes[empty[0]]}' has no readable images")
+    paths = np.array(paths)
+    datasets, info = {}, {"source": directory, "counts": {}, "skipped": skipped, "paths": {}}
+    for split, rows in zip(
+        ("train", "validation", "test"),
+        stratified_split(labels, validation_split, test_split, seed),
+        strict=True,
+    ):
+        info["counts"][split], info["paths"][split] = len(rows), paths[rows].tolist()
+        if not len(rows):
+            datasets[split] = None
+            continue
+        dataset = tf.data.Dataset.from_tensor_slices((paths[rows], labels[rows].astype(np.int32)))
+        datasets[split] = finish_pipeline(
+            dataset.map(_decode(image_size), num_parallel_calls=AUTOTUNE),
+            training=shuffle and split == "train",
+            count=len(rows),
+            batch_size=batch_size,
+            seed=seed,
+            transform=to_float,
+            cache=cache if isinstance(cache, bool) else f"{os.fspath(cache)}.{split}",
+        )
+    return DatasetSplits(**datasets, class_names=classes, info=info)

@@ -1,0 +1,344 @@
+"""Evaluation of a classifier: accuracy, per-class report, confusion, latency.
+
+Metrics are computed with numpy from one pass over the dataset, so labels and
+predictions always come from the same elements (a dataset that reshuffles on
+each iteration would misalign two separate passes). The report is a plain,
+JSON-serialisable dict that `format_report`, `kt.plots.plot_confusion_matrix`
+and `kt.reports.write_run_report` read.
+"""
+
+from __future__ import annotations
+
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# Timed calls of the compiled predict function on one batch, after one
+# untimed warm-up call (which traces the function). 20 gives a stable p95 for
+# small models on CPU in well under a second.
+DEFAULT_LATENCY_BATCHES = 20
+LATENCY_PERCENTILE = 95
+# A single-output sigmoid head predicts class 1 at or above this probability.
+BINARY_THRESHOLD = 0.5
+
+
+def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
+    """Counts (true class, predicted class) pairs.
+
+    Args:
+        labels: 1-D integer array of true classes in `[0, num_classes)`.
+        predictions: 1-D integer array of predicted classes, same length.
+        num_classes: number of classes (rows and columns of the result).
+
+    Returns:
+        An `int64` array of shape `(num_classes, num_classes)`; rows are true
+        classes, columns predicted classes.
+
+    Raises:
+        ValueError: if the arrays are not 1-D integer arrays of one length,
+            or hold a class outside `[0, num_classes)`.
+
+    Example:
+    >>> from keras_transfer.evaluation import confusion_matrix
+    >>> confusion_matrix([0, 1, 1, 2], [0, 1, 2, 2], num_classes=3).tolist()
+    [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
+        raise ValueError(
+            f"`num_classes` must be an integer >= 1. Received: num_classes={num_classes!r}"
+        )
+    if num_classes < 1:
+        raise ValueError(f"`num_classes` must be >= 1. Received: num_classes={num_classes}")
+    labels = _class_array(labels, "labels", num_classes)
+    predictions = _class_array(predictions, "predictions", num_classes)
+    if labels.shape != predictions.shape:
+        raise ValueError(
+            "`labels` and `predictions` must have the same length. Received: "
+            f"len(labels)={labels.size}, len(predictions)={predictions.size}"
+        )
+    flat = labels * num_classes + predictions
+    counts = np.bincount(flat, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def _class_array(values, name, num_classes):
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"`{name}` must be 1-D. Received: {name}.shape={array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"`{name}` must hold integers. Received: {name}.dtype={array.dtype}")
+    array = array.astype(np.int64)
+    bad = array[(array < 0) | (array >= num_classes)]
+    if bad.size:
+        raise ValueError(
+            f"`{name}` must be in [0, {num_classes}) for num_classes={num_classes}. "
+            f"Received: {name} value {int(bad[0])}"
+        )
+    return array
+
+
+def _per_class(matrix, class_names):
+    true_positives = np.diag(matrix).astype(np.float64)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    # Like scikit-learn's `zero_division=0`: no predictions (or no examples)
+    # of a class gives 0 rather than NaN, so the report stays valid JSON.
+    precision = np.divide(
+        true_positives, predicted, out=np.zeros_like(true_positives), where=predicted > 0
+    )
+    recall = np.divide(
+        true_positives, support, out=np.zeros_like(true_positives), where=support > 0
+    )
+    denominator = precision + recall
+    f1 = np.divide(
+        2 * precision * recall, denominator, out=np.zeros_like(denominator), where=denominator > 0
+    )
+    rows = [
+        {
+            "class": name,
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(class_names)
+    ]
+    macro = {
+        "precision": float(precision.mean()),
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+    }
+    return rows, macro
+
+
+def _predicted_classes(outputs):
+    if outputs.ndim == 1 or outputs.shape[-1] == 1:
+        return (outputs.reshape(-1) >= BINARY_THRESHOLD).astype(np.int64)
+    return np.argmax(outputs, axis=-1).astype(np.int64)
+
+
+def _true_classes(labels, num_classes):
+    labels = np.asarray(labels)
+    # One-hot labels (from `label_mode="categorical"` datasets).
+    if labels.ndim == 2 and labels.shape[-1] == num_classes and num_classes > 1:
+        return np.argmax(labels, axis=-1).astype(np.int64)
+    labels = labels.reshape(-1)
+    if np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels)):
+        labels = labels.astype(np.int64)
+    return labels
+
+
+def _output_classes(units):
+    return 2 if units == 1 else int(units)
+
+
+def _num_classes(model):
+    # Functional and Sequential models know their output shape; a subclassed
+    # model's is found from its first batch of predictions.
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):
+        return None
+    if not outputs:
+        return None
+    if len(outputs) != 1:
+        raise ValueError(
+            "`model` must have a single classification output. "
+            f"Received: a model with {len(outputs)} outputs"
+        )
+    units = outputs[0].shape[-1]
+    return None if units is None else _output_classes(units)
+
+
+def _measure_latency(model, batch, repeats):
+    model.predict_on_batch(batch)  # warm-up: traces the predict function
+    times_ms = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        # predict_on_batch returns numpy, so the timing includes the device sync.
+        model.predict_on_batch(batch)
+        times_ms.append((time.perf_counter() - start) * 1000.0)
+    # Inputs may be a dict of tensors (several model inputs).
+    batch_size = int(tf.nest.flatten(batch)[0].shape[0])
+    per_image = np.asarray(times_ms) / batch_size
+    return {
+        "batch_size": batch_size,
+        "repeats": int(repeats),
+        "mean_ms_per_image": float(per_image.mean()),
+        "p95_ms_per_image": float(np.percentile(per_image, LATENCY_PERCENTILE)),
+    }
+
+
+def evaluate_classifier(
+    model: keras.Model,
+    dataset: tf.data.Dataset,
+    class_names: list[str] | tuple[str, ...] | None = None,
+    *,
+    latency_batches: int = DEFAULT_LATENCY_BATCHES,
+) -> dict:
+    """Evaluates a single-label classifier and measures its latency.
+
+    Predictions come from `model.predict_on_batch` over one pass of the
+    dataset; the class is the argmax of the outputs (a one-unit sigmoid head
+    predicts class 1 at probability >= 0.5). Latency times the compiled
+    predict function on the dataset's first batch, after one warm-up call,
+    `latency_batches` times, and reports milliseconds per image.
+
+    Args:
+        model: a Keras classifier with one output of shape `(batch, classes)`.
+        dataset: a batched `tf.data.Dataset` of `(images, labels)`; labels are
+            integer classes (one-hot labels are accepted too).
+        class_names: one name per class; defaults to `"0"`, `"1"`, ...
+        latency_batches: timed calls for the latency figures; 0 skips the
+            measurement (then `report["latency"]` is None).
+
+    Returns:
+        A JSON-serialisable dict with `accuracy`, `num_examples`,
+        `class_names`, `per_class` (list of dicts with `class`, `precision`,
+        `recall`, `f1`, `support`), `macro_avg` (`precision`, `recall`,
+        `f1`), `confusion_matrix` (list of lists, rows true, columns
+        predicted) and `latency` (`batch_size`, `repeats`,
+        `mean_ms_per_image`, `p95_ms_per_image`).
+
+    Raises:
+        ValueError: for an empty dataset, a `class_names` list whose length
+            differs from the model's number of classes, or labels outside
+            the classes.
+
+    Example:
+    >>> import keras, numpy as np, tensorflow as tf
+    >>> from keras_transfer.evaluation import evaluate_classifier
+    >>> model = keras.Sequential(
+    ...     [keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    >>> data = tf.data.Dataset.from_tensor_slices(
+    ...     (np.random.rand(6, 4).astype("float32"), np.arange(6) % 3)).batch(3)
+    >>> report = evaluate_classifier(model, data, ["a", "b", "c"],
+    ...                              latency_batches=2)
+    >>> report["num_examples"], len(report["confusion_matrix"])
+    (6, 3)
+    """
+    if not isinstance(dataset, tf.data.Dataset):
+        raise TypeError(
+            "`dataset` must be a batched tf.data.Dataset of (images, labels). "
+            f"Received: {type(dataset).__name__}"
+        )
+    if isinstance(latency_batches, bool) or not isinstance(latency_batches, (int, np.integer)):
+        raise ValueError(
+            f"`latency_batches` must be an integer >= 0. Received: latency_batches={latency_batches!r}"
+        )
+    if latency_batches < 0:
+        raise ValueError(
+            f"`latency_batches` must be >= 0. Received: latency_batches={latency_batches}"
+        )
+    num_classes = _num_classes(model)
+    if class_names is not None:
+        class_names = [str(name) for name in class_names]
+        if num_classes is not None and len(class_names) != num_classes:
+            raise ValueError(
+                f"`class_names` must have one name per class ({num_classes} for this "
+                f"model). Received: {len(class_names)} names: {class_names}"
+            )
+        num_classes = len(class_names)
+
+    all_labels, all_predictions, first_images = [], [], None
+    for element in dataset:
+        if not isinstance(element, tuple) or len(element) != 2:
+            raise ValueError(
+                "`dataset` must yield (images, labels) pairs. "
+                f"Received: an element of type {type(element).__name__}"
+            )
+        images, batch_labels = element
+        if first_images is None:
+            first_images = images
+        outputs = np.asarray(model.predict_on_batch(images))
+        output_classes = _output_classes(outputs.shape[-1] if outputs.ndim > 1 else 1)
+        if num_classes is None:
+            num_classes = output_classes
+        if output_classes != num_classes:
+            raise ValueError(
+                f"`class_names` must have one name per class ({output_classes} for this "
+                f"model). Received: {num_classes} names: {class_names}"
+            )
+        all_predictions.append(_predicted_classes(outputs))
+        all_labels.append(_true_classes(batch_labels.numpy(), num_classes))
+    if first_images is None:
+        raise ValueError("`dataset` must contain at least one batch. Received: an empty dataset")
+    labels = np.concatenate(all_labels)
+    predictions = np.concatenate(all_predictions)
+    if labels.size == 0:
+        raise ValueError("`dataset` must contain at least one example. Received: 0 examples")
+    if class_names is None:
+        class_names = [str(i) for i in range(num_classes)]
+
+    matrix = confusion_matrix(labels, predictions, num_classes)
+    per_class, macro = _per_class(matrix, class_names)
+    latency = _measure_latency(model, first_images, latency_batches) if latency_batches else None
+    return {
+        "accuracy": float(np.trace(matrix) / labels.size),
+        "num_examples": int(labels.size),
+        "class_names": list(class_names),
+        "per_class": per_class,
+        "macro_avg": macro,
+        "confusion_matrix": matrix.tolist(),
+        "latency": latency,
+    }
+
+
+def format_report(report: dict) -> str:
+    """Formats an `evaluate_classifier` report as a plain-text table.
+
+    Args:
+        report: the dict returned by `evaluate_classifier`.
+
+    Returns:
+        A multi-line string: accuracy, one row per class (precision, recall,
+        F1, support), the macro average and the latency.
+
+    Example:
+    >>> from keras_transfer.evaluation import format_report
+    >>> text = format_report({
+    ...     "accuracy": 0.5, "num_examples": 2, "latency": None,
+    ...     "per_class": [
+    ...         {"class": "cat", "precision": 1.0, "recall": 0.5, "f1": 0.667,
+    ...          "support": 2}]})
+    >>> text.splitlines()[0]
+    'accuracy: 0.5000 (2 examples)'
+    """
+    for key in ("accuracy", "num_examples", "per_class"):
+        if key not in report:
+            raise ValueError(
+                f"`report` must be a dict from `evaluate_classifier` with key {key!r}. "
+                f"Received keys: {sorted(report)}"
+            )
+    rows = report["per_class"]
+    width = max([len("class"), len("macro avg")] + [len(str(row["class"])) for row in rows])
+    header = f"{'class':<{width}}  precision  recall      f1  support"
+    lines = [
+        f"accuracy: {report['accuracy']:.4f} ({report['num_examples']} examples)",
+        "",
+        header,
+        "-" * len(header),
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['class']:<{width}}  {row['precision']:>9.3f}  {row['recall']:>6.3f}"
+            f"  {row['f1']:>6.3f}  {row['support']:>7d}"
+        )
+    macro = report.get("macro_avg")
+    if macro:
+        lines.append("-" * len(header))
+        lines.append(
+            f"{'macro avg':<{width}}  {macro['precision']:>9.3f}  {macro['recall']:>6.3f}"
+            f"  {macro['f1']:>6.3f}  {report['num_examples']:>7d}"
+        )
+    latency = report.get("latency")
+    if latency:
+        lines += [
+            "",
+            f"latency (batch {latency['batch_size']}): "
+            f"mean {latency['mean_ms_per_image']:.3f} ms/image, "
+            f"p95 {latency['p95_ms_per_image']:.3f} ms/image",
+        ]
+    return "\n".join(lines)
