@@ -15,24 +15,29 @@ IMAGE_DEMO = RunConfig(
     backbone="efficientnet_lite0",
     data="fashion_mnist",
     recipe="two_stage",
-    epochs=(3, 3),
-    image_size=96,
+    epochs=(4, 4),
+    image_size=112,
     batch_size=32,
-    max_per_class=200,
+    max_per_class=50,
     max_test_per_class=100,
-    unfreeze_blocks=3,
+    unfreeze_blocks="all",
+    # A fixed budget for both runs: no early stopping.
+    patience=None,
 )
 # The random-init baseline gets the same data and number of epochs, and the
 # settings that suit training from scratch: every layer trains from the start
 # at one LR (Adam's usual 1e-3: recipe "full" trains at learning_rate / 10),
 # and BatchNorm learns its statistics (frozen random statistics would be a
-# straw man).
+# straw man) with momentum 0.9: at 0.99 the moving averages lag so far behind
+# a network trained from scratch for a few hundred steps that validation
+# accuracy stayed at chance (measured: 0.10 vs 0.75 after 3 epochs).
 RANDOM_INIT_CHANGES = {
     "weights": "none",
     "recipe": "full",
     "learning_rate": 1e-2,
     "lr_spread": 1.0,
     "bn_policy": "train",
+    "backbone_kwargs": {"bn_momentum": 0.9},
 }
 # --quick: a smoke run of the same code path, for tests.
 QUICK_CHANGES = {"epochs": (1, 1), "image_size": 32, "max_per_class": 4, "max_test_per_class": 2}

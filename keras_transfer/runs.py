@@ -58,6 +58,8 @@ class RunConfig:
         augmentation: augmentation preset.
         bn_policy: BatchNorm policy when unfreezing (None: frozen).
         lr_spread: head LR / stem LR when the backbone trains (1: uniform).
+        backbone_kwargs: extra backbone constructor arguments.
+        patience: early-stopping patience on validation loss (None: off).
         seed: seed for splits and initialisation.
     """
 
@@ -76,6 +78,8 @@ class RunConfig:
     augmentation: str = "none"
     bn_policy: str | None = None
     lr_spread: float = 100.0
+    backbone_kwargs: dict = dataclasses.field(default_factory=dict)
+    patience: int | None = 3
     seed: int = 0
 
 
@@ -138,6 +142,7 @@ def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
             weights=weights,
             input_shape=(*size, 3),
             augmentation=config.augmentation,
+            **config.backbone_kwargs,
         )
         epochs = tuple(config.epochs) if isinstance(config.epochs, list) else config.epochs
         start = time.perf_counter()
@@ -151,6 +156,7 @@ def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
             unfreeze_blocks=config.unfreeze_blocks,
             bn_policy=config.bn_policy,
             lr_spread=config.lr_spread,
+            patience=config.patience,
             callbacks=[keras.callbacks.TensorBoard(os.path.join(staging, "logs"))],
             verbose=verbose,
         )

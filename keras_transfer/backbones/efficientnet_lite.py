@@ -80,7 +80,7 @@ def _stage_table(width, depth):
     return table
 
 
-def _conv_bn(x, filters, kernel, stride, prefix, activation=True, depthwise=False):
+def _conv_bn(x, filters, kernel, stride, prefix, bn_momentum, activation=True, depthwise=False):
     if depthwise:
         x = keras.layers.DepthwiseConv2D(
             kernel, strides=stride, padding="same", use_bias=False, name=f"{prefix}dwconv"
@@ -96,7 +96,7 @@ def _conv_bn(x, filters, kernel, stride, prefix, activation=True, depthwise=Fals
             name=f"{prefix}conv",
         )(x)
         bn_name = f"{prefix}bn"
-    x = keras.layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=_BN_MOMENTUM, name=bn_name)(x)
+    x = keras.layers.BatchNormalization(epsilon=_BN_EPSILON, momentum=bn_momentum, name=bn_name)(x)
     if activation:
         x = keras.layers.ReLU(6.0, name=f"{prefix}activation")(x)
     return x
@@ -110,6 +110,7 @@ def EfficientNetLite(
     input_shape=None,
     classes: int = 1000,
     dropout: float = 0.2,
+    bn_momentum: float = _BN_MOMENTUM,
     name: str | None = None,
 ) -> keras.Model:
     """Builds EfficientNet-Lite (expects inputs scaled as `(x - 127) / 128`).
@@ -122,6 +123,8 @@ def EfficientNetLite(
         input_shape: `(height, width, 3)`; defaults to the variant's size.
         classes: classifier size with `include_top` (1000 for ImageNet).
         dropout: dropout before the classifier.
+        bn_momentum: BatchNorm moving-average momentum (0.99, TF's value;
+            0.9 suits short training from scratch, where 0.99 lags behind).
         name: model name.
 
     Returns:
@@ -148,7 +151,7 @@ def EfficientNetLite(
                 f"ImageNet weights need classes=1000 with include_top. Received: classes={classes}"
             )
     inputs = keras.Input(shape=tuple(input_shape or (size, size, 3)), name="image")
-    x = _conv_bn(inputs, _STEM_FILTERS, 3, 2, "stem_")
+    x = _conv_bn(inputs, _STEM_FILTERS, 3, 2, "stem_", bn_momentum)
     for stage, (repeats, kernel, stride, expand, filters_in, filters_out) in enumerate(
         _stage_table(width, depth), start=1
     ):
@@ -158,12 +161,12 @@ def EfficientNetLite(
             block_stride = stride if repeat == 0 else 1
             shortcut = x
             if expand != 1:
-                x = _conv_bn(x, block_in * expand, 1, 1, f"{prefix}expand_")
-            x = _conv_bn(x, None, kernel, block_stride, prefix, depthwise=True)
-            x = _conv_bn(x, filters_out, 1, 1, f"{prefix}project_", activation=False)
+                x = _conv_bn(x, block_in * expand, 1, 1, f"{prefix}expand_", bn_momentum)
+            x = _conv_bn(x, None, kernel, block_stride, prefix, bn_momentum, depthwise=True)
+            x = _conv_bn(x, filters_out, 1, 1, f"{prefix}project_", bn_momentum, activation=False)
             if block_stride == 1 and block_in == filters_out:
                 x = keras.layers.Add(name=f"{prefix}add")([x, shortcut])
-    x = _conv_bn(x, _HEAD_FILTERS, 1, 1, "top_")
+    x = _conv_bn(x, _HEAD_FILTERS, 1, 1, "top_", bn_momentum)
     if include_top:
         x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
         x = keras.layers.Dropout(dropout, name="top_dropout")(x)
