@@ -153,7 +153,7 @@ def run():
     """Console-script entry point."""
     # absl prints the __main__ module's docstring for --help; the console
     # script's wrapper has none.
-    sys.modules["__main__"].__doc__ = __doc__
+    sys.modules["__main__"].__doc__ = f"{__doc__}\nFlags:\n{FLAGS.module_help(__name__)}"
     app.run(main)
 
 
