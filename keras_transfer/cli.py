@@ -17,6 +17,7 @@ Flags may also come from a file: --flagfile=train.flags
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -79,20 +80,28 @@ def _train():
 
 
 def _evaluate():
-    from keras_transfer.data import load_dataset
+    from keras_transfer.data import image_folder_dataset, load_dataset
     from keras_transfer.evaluation import evaluate_classifier, format_report
     from keras_transfer.predict import load_model_for_prediction
 
     model, class_names = load_model_for_prediction(_required("model"))
     size = tuple(model.input_shape[1:3])
-    splits = load_dataset(
-        FLAGS.data,
-        image_size=size,
-        batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed,
-        max_test_per_class=FLAGS.max_test_per_class,
-    )
-    test = splits.test if splits.test is not None else splits.validation
+    if os.path.isdir(FLAGS.data):
+        # A folder given to `evaluate` is all test data.
+        splits = image_folder_dataset(
+            FLAGS.data,
+            image_size=size,
+            batch_size=FLAGS.batch_size,
+            validation_split=0.0,
+            shuffle=False,
+        )
+        test = splits.train
+    else:
+        caps = {"max_test_per_class": FLAGS.max_test_per_class} if FLAGS.max_test_per_class else {}
+        splits = load_dataset(
+            FLAGS.data, image_size=size, batch_size=FLAGS.batch_size, seed=FLAGS.seed, **caps
+        )
+        test = splits.test if splits.test is not None else splits.validation
     report = evaluate_classifier(model, test, class_names or splits.class_names)
     print(format_report(report))
     if FLAGS.output_dir:

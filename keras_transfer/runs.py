@@ -124,13 +124,16 @@ def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
     keras.utils.set_random_seed(config.seed)
     weights = None if str(config.weights).lower() in ("none", "random") else config.weights
     size = (config.image_size, config.image_size)
+    caps = {
+        key: value
+        for key, value in (
+            ("max_per_class", config.max_per_class),
+            ("max_test_per_class", config.max_test_per_class),
+        )
+        if value is not None
+    }
     splits = load_dataset(
-        config.data,
-        image_size=size,
-        batch_size=config.batch_size,
-        seed=config.seed,
-        max_per_class=config.max_per_class,
-        max_test_per_class=config.max_test_per_class,
+        config.data, image_size=size, batch_size=config.batch_size, seed=config.seed, **caps
     )
     parent = os.path.dirname(os.path.abspath(config.output_dir))
     os.makedirs(parent, exist_ok=True)
