@@ -20,6 +20,7 @@ from keras_transfer.builders import (
     BN_POLICIES,
     build_feature_extractor,
     build_image_classifier,
+    build_text_classifier,
     make_augmentation,
 )
 from keras_transfer.callbacks import LRFinderResult, ProgressiveUnfreezing, lr_find
@@ -63,6 +64,7 @@ __all__ = [
     "backbone_blocks",
     "build_feature_extractor",
     "build_image_classifier",
+    "build_text_classifier",
     "confusion_matrix",
     "create_backbone",
     "data",

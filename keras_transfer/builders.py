@@ -6,8 +6,10 @@ import os
 from collections.abc import Sequence
 
 import keras
+from keras import ops
 
 from keras_transfer.backbones import ImagePreprocessing, create_backbone
+from keras_transfer.backbones.kerashub import create_text_backbone
 from keras_transfer.heads import HEAD_NAME, make_head, validate_head
 
 BN_POLICIES = ("frozen", "affine", "train")
@@ -269,3 +271,78 @@ def build_feature_extractor(
     )
     base.trainable = False
     return keras.Model(inputs, x, name=name)
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class MaskedMeanPooling(keras.layers.Layer):
+    """Mean of token vectors over the real (unpadded) tokens.
+
+    Sentence encoders such as all-MiniLM-L6-v2 are trained with this pooling.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras_transfer.builders import MaskedMeanPooling
+    >>> x = np.array([[[1.0], [3.0], [100.0]]])
+    >>> float(MaskedMeanPooling()(x, np.array([[1, 1, 0]]))[0, 0])
+    2.0
+    """
+
+    def call(self, inputs, padding_mask):
+        mask = ops.expand_dims(ops.cast(padding_mask, inputs.dtype), -1)
+        total = ops.sum(inputs * mask, axis=1)
+        return total / ops.maximum(ops.sum(mask, axis=1), 1.0)
+
+    def compute_output_shape(self, inputs_shape, padding_mask_shape):
+        return (inputs_shape[0], inputs_shape[-1])
+
+
+def build_text_classifier(
+    backbone: str,
+    num_classes: int,
+    *,
+    weights: str | None = "pretrained",
+    head: str = "softmax",
+    dropout: float = 0.1,
+    freeze_backbone: bool = True,
+    name: str = "text_classifier",
+) -> keras.Model:
+    """Builds a functional text classifier on a KerasHub backbone.
+
+    The graph is `token inputs (dict) -> backbone (token vectors) -> masked
+    mean pooling -> dropout -> head`. Tokenisation happens in `tf.data` with
+    `keras_transfer.backbones.kerashub.text_preprocessor` (see
+    `keras_transfer.data.text_dataset`).
+
+    Args:
+        backbone: KerasHub preset name, local preset/HF directory, or
+            `"minilm"` (offline all-MiniLM-L6-v2).
+        num_classes: number of outputs.
+        weights: `"pretrained"` or None (random initialisation).
+        head: `"softmax"`, `"multi_label"` or `"regression"`.
+        dropout: dropout rate before the head.
+        freeze_backbone: start with the backbone frozen.
+        name: model name.
+
+    Returns:
+        A `keras.Model` taking the backbone's input dict.
+
+    Example:
+    >>> import keras_transfer as kt
+    >>> model = kt.build_text_classifier("minilm", num_classes=4, weights=None)
+    >>> model.output_shape
+    (None, 4)
+    """
+    validate_head(head, num_classes)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+    base = create_text_backbone(backbone, weights=weights)
+    inputs = {
+        key: keras.Input(shape=(None,), dtype=tensor.dtype, name=key)
+        for key, tensor in base.input.items()
+    }
+    x = MaskedMeanPooling(name="mean_pool")(base(inputs), inputs["padding_mask"])
+    if dropout:
+        x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = make_head(head, num_classes, name=HEAD_NAME)(x)
+    base.trainable = not freeze_backbone
+    return keras.Model(inputs, outputs, name=name)

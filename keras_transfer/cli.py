@@ -1,9 +1,10 @@
 """keras-transfer: fine-tune, evaluate and use image classifiers from the shell.
 
 Usage:
-  keras-transfer demo [--quick] [--output_dir=runs/demo]
-      Offline transfer learning: EfficientNet-Lite0 (ImageNet) on Fashion-MNIST
-      vs the same network from random weights; prints both test accuracies.
+  keras-transfer demo [--task=image|text] [--quick] [--output_dir=runs/demo]
+      Offline transfer learning: EfficientNet-Lite0 (ImageNet) on Fashion-MNIST,
+      or all-MiniLM-L6-v2 on WordNet glosses (--task=text), vs the same network
+      from random weights; prints both test accuracies.
   keras-transfer train --data=DATA --output_dir=DIR [--backbone=...] [--recipe=...]
       DATA: fashion_mnist | digits | tfds:<name> | an image folder (one
       subfolder per class). Writes a run directory (model, report, plots).
@@ -47,7 +48,10 @@ flags.DEFINE_integer("seed", 0, "Seed for splits and initialisation.")
 flags.DEFINE_string("model", None, "Run directory, .keras file, or imagenet:efficientnet_lite0.")
 flags.DEFINE_list("images", [], "Image files or folders (predict).")
 flags.DEFINE_integer("top", 3, "Labels shown per image (predict).")
-flags.DEFINE_enum("task", "image", ["image", "text"], "Demo task.")
+flags.DEFINE_enum(
+    "task", "image", ["image", "text"], "image, or text (KerasHub backbone, e.g. minilm)."
+)
+flags.DEFINE_integer("sequence_length", 64, "Tokens per text (text task).")
 flags.DEFINE_boolean("quick", False, "Shrink the demo to a smoke run (for tests).")
 
 # User errors: reported in one line, exit code 2, no traceback.
@@ -60,6 +64,7 @@ def _train():
     epochs = [int(e) for e in FLAGS.epochs]
     blocks = FLAGS.unfreeze_blocks
     config = RunConfig(
+        task=FLAGS.task,
         backbone=FLAGS.backbone,
         data=FLAGS.data,
         output_dir=FLAGS.output_dir or f"runs/{FLAGS.backbone}",
@@ -73,6 +78,7 @@ def _train():
         max_test_per_class=FLAGS.max_test_per_class,
         unfreeze_blocks=int(blocks) if blocks.isdigit() else blocks,
         augmentation=FLAGS.augmentation,
+        sequence_length=FLAGS.sequence_length,
         seed=FLAGS.seed,
     )
     report = train_run(config)
@@ -125,11 +131,10 @@ def _predict():
 
 
 def _demo():
-    from keras_transfer.demo import run_image_demo
+    from keras_transfer.demo import run_demo
 
-    if FLAGS.task == "text":
-        raise ValueError("The text demo (--task=text) is not built yet. Received: task='text'")
-    run_image_demo(FLAGS.output_dir or "runs/demo", quick=FLAGS.quick)
+    default = "runs/demo" if FLAGS.task == "image" else "runs/demo_text"
+    run_demo(FLAGS.output_dir or default, task=FLAGS.task, quick=FLAGS.quick)
 
 
 def _required(name):

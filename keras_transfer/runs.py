@@ -25,8 +25,9 @@ import time
 
 import keras
 
-from keras_transfer.builders import build_image_classifier
-from keras_transfer.data import load_dataset
+from keras_transfer.backbones.kerashub import text_preprocessor
+from keras_transfer.builders import build_image_classifier, build_text_classifier
+from keras_transfer.data import load_dataset, load_wordnet_nouns, text_dataset
 from keras_transfer.evaluation import evaluate_classifier
 from keras_transfer.plots import plot_confusion_matrix, plot_training_curves
 from keras_transfer.recipes import fine_tune
@@ -35,6 +36,9 @@ from keras_transfer.reports import save_history_json, write_run_report
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.json"
+# Text runs split the labelled glosses 60/10/30 (train/validation/test).
+TEXT_VALIDATION_SPLIT = 0.1
+TEXT_TEST_SPLIT = 0.3
 
 
 @dataclasses.dataclass
@@ -42,6 +46,8 @@ class RunConfig:
     """Settings of one training run (also written to `config.json`).
 
     Args:
+        task: `"image"` or `"text"` (KerasHub backbone, e.g. `"minilm"`, on
+            `data="wordnet_nouns"`).
         backbone: registry name, e.g. `"efficientnet_lite0"`.
         data: dataset name (`"fashion_mnist"`, `"digits"`, `"tfds:<name>"`) or
             an image folder (one subfolder per class).
@@ -60,9 +66,11 @@ class RunConfig:
         lr_spread: head LR / stem LR when the backbone trains (1: uniform).
         backbone_kwargs: extra backbone constructor arguments.
         patience: early-stopping patience on validation loss (None: off).
+        sequence_length: tokens per text (text task).
         seed: seed for splits and initialisation.
     """
 
+    task: str = "image"
     backbone: str = "efficientnet_lite0"
     data: str = "fashion_mnist"
     output_dir: str = "runs/run"
@@ -80,6 +88,7 @@ class RunConfig:
     lr_spread: float = 100.0
     backbone_kwargs: dict = dataclasses.field(default_factory=dict)
     patience: int | None = 3
+    sequence_length: int = 64
     seed: int = 0
 
 
@@ -90,6 +99,62 @@ def load_labels(run_dir: str) -> list[str] | None:
         return None
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f if line.strip()]
+
+
+TASKS = ("image", "text")
+TEXT_DATA = ("wordnet_nouns",)
+
+
+def _caps(config: RunConfig) -> dict:
+    caps = {"max_per_class": config.max_per_class, "max_test_per_class": config.max_test_per_class}
+    return {key: value for key, value in caps.items() if value is not None}
+
+
+def _load_splits(config: RunConfig):
+    if config.task not in TASKS:
+        raise ValueError(f"`task` must be one of {TASKS}. Received: task={config.task!r}")
+    if config.task == "image":
+        size = (config.image_size, config.image_size)
+        return load_dataset(
+            config.data,
+            image_size=size,
+            batch_size=config.batch_size,
+            seed=config.seed,
+            **_caps(config),
+        )
+    if config.data not in TEXT_DATA:
+        raise ValueError(f"Text data must be one of {TEXT_DATA}. Received: data={config.data!r}")
+    texts, labels, names = load_wordnet_nouns(max_per_class=config.max_per_class, seed=config.seed)
+    preprocessor = text_preprocessor(config.backbone, config.sequence_length)
+    return text_dataset(
+        texts,
+        labels,
+        preprocessor,
+        class_names=names,
+        batch_size=config.batch_size,
+        validation_split=TEXT_VALIDATION_SPLIT,
+        test_split=TEXT_TEST_SPLIT,
+        seed=config.seed,
+    )
+
+
+def _build_model(config: RunConfig, num_classes: int, weights):
+    if config.task == "text":
+        return build_text_classifier(
+            config.backbone,
+            num_classes,
+            weights="pretrained" if weights is not None else None,
+            **config.backbone_kwargs,
+        )
+    size = (config.image_size, config.image_size)
+    return build_image_classifier(
+        config.backbone,
+        num_classes=num_classes,
+        weights=weights,
+        input_shape=(*size, 3),
+        augmentation=config.augmentation,
+        **config.backbone_kwargs,
+    )
 
 
 def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
@@ -123,30 +188,12 @@ def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
         )
     keras.utils.set_random_seed(config.seed)
     weights = None if str(config.weights).lower() in ("none", "random") else config.weights
-    size = (config.image_size, config.image_size)
-    caps = {
-        key: value
-        for key, value in (
-            ("max_per_class", config.max_per_class),
-            ("max_test_per_class", config.max_test_per_class),
-        )
-        if value is not None
-    }
-    splits = load_dataset(
-        config.data, image_size=size, batch_size=config.batch_size, seed=config.seed, **caps
-    )
+    splits = _load_splits(config)
     parent = os.path.dirname(os.path.abspath(config.output_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)
     try:
-        model = build_image_classifier(
-            config.backbone,
-            num_classes=len(splits.class_names),
-            weights=weights,
-            input_shape=(*size, 3),
-            augmentation=config.augmentation,
-            **config.backbone_kwargs,
-        )
+        model = _build_model(config, len(splits.class_names), weights)
         epochs = tuple(config.epochs) if isinstance(config.epochs, list) else config.epochs
         start = time.perf_counter()
         history = fine_tune(

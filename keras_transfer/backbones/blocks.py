@@ -184,6 +184,16 @@ _RULES: dict[str, tuple[str, _Grouper]] = {
             ]
         ),
     ),
+    # KerasHub transformer backbones (BERT, ...): embeddings, layers, top.
+    "transformer": (
+        r"^transformer_layer_0$",
+        _by_name(
+            [
+                (r"^transformer_layer_(\d+)$", _fmt("layer{}")),
+                (r"^pooled_dense$", _fixed("top")),
+            ]
+        ),
+    ),
     "xception": (r"^block14_sepconv2$", _by_name([(r"^(block\d+)_", _first_group)])),
     "vgg": (r"^block1_pool$", _by_name([(r"^(block\d+)_", _first_group)])),
 }

@@ -11,7 +11,7 @@ from keras_transfer.data.catalog import (
 )
 from keras_transfer.data.images import IMAGE_EXTENSIONS, array_dataset, image_folder_dataset
 from keras_transfer.data.splits import DatasetSplits
-from keras_transfer.data.text import WORDNET_NOUN_CATEGORIES, load_wordnet_nouns
+from keras_transfer.data.text import WORDNET_NOUN_CATEGORIES, load_wordnet_nouns, text_dataset
 
 __all__ = [
     "DATASET_NAMES",
@@ -23,4 +23,5 @@ __all__ = [
     "image_folder_dataset",
     "load_dataset",
     "load_wordnet_nouns",
+    "text_dataset",
 ]

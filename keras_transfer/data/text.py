@@ -10,8 +10,16 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+import tensorflow as tf
 
-from keras_transfer.data.splits import cap_per_class, suggest, validate_max
+from keras_transfer.data.splits import (
+    DatasetSplits,
+    cap_per_class,
+    stratified_split,
+    suggest,
+    validate_max,
+    validate_split_options,
+)
 
 # Debian package `wordnet-base` (WordNet 3.0).
 WORDNET_NOUN_PATH = "/usr/share/wordnet/data.noun"
@@ -96,3 +104,70 @@ def load_wordnet_nouns(
     labels = np.array(labels, np.int32)
     rows = cap_per_class(labels, max_per_class, seed)
     return [texts[i] for i in rows], labels[rows], class_names
+
+
+def text_dataset(
+    texts: Sequence[str],
+    labels,
+    preprocessor,
+    *,
+    class_names: Sequence[str],
+    batch_size: int = 32,
+    validation_split: float = 0.1,
+    test_split: float = 0.2,
+    seed: int = 0,
+) -> DatasetSplits:
+    """Tokenised, batched text splits (stratified, seeded) for a text classifier.
+
+    Args:
+        texts: the strings.
+        labels: integer class per string.
+        preprocessor: a KerasHub `TextClassifierPreprocessor` (maps
+            `(strings, labels)` to `(token dict, labels)` inside `tf.data`).
+        class_names: names in label order.
+        batch_size: batch size.
+        validation_split: fraction for validation.
+        test_split: fraction for test.
+        seed: split and shuffle seed.
+
+    Returns:
+        A `DatasetSplits` of `(token dict, labels)` batches.
+
+    Example:
+    >>> from keras_transfer.data import load_wordnet_nouns, text_dataset
+    >>> from keras_transfer.backbones.kerashub import text_preprocessor
+    >>> texts, labels, names = load_wordnet_nouns(max_per_class=5)
+    >>> splits = text_dataset(texts, labels, text_preprocessor("minilm", 16),
+    ...                       class_names=names, batch_size=4)
+    >>> sorted(splits.train.element_spec[0])
+    ['padding_mask', 'segment_ids', 'token_ids']
+    """
+    validate_split_options(batch_size, validation_split, test_split)
+    labels = np.asarray(labels, dtype=np.int32)
+    if len(texts) != len(labels) or not len(texts):
+        raise ValueError(
+            "`texts` and `labels` must be non-empty and the same length. "
+            f"Received: {len(texts)} texts and {len(labels)} labels"
+        )
+    texts = np.asarray(texts, dtype=object)
+    parts = stratified_split(labels, validation_split, test_split, seed)
+
+    def make(indices, training):
+        if not len(indices):
+            return None
+        dataset = tf.data.Dataset.from_tensor_slices(
+            (tf.constant(texts[indices].tolist(), tf.string), labels[indices])
+        )
+        if training:
+            dataset = dataset.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True)
+        dataset = dataset.batch(batch_size).map(preprocessor, num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.prefetch(tf.data.AUTOTUNE)
+
+    train, validation, test = (make(part, i == 0) for i, part in enumerate(parts))
+    counts = {
+        name: int(len(part))
+        for name, part in zip(("train", "validation", "test"), parts, strict=True)
+    }
+    return DatasetSplits(
+        train, validation, test, list(class_names), {"source": "text", "counts": counts}
+    )
