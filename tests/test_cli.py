@@ -100,7 +100,10 @@ def test_train_skips_corrupt_jpeg_and_writes_run(tmp_path):
 
 
 def test_missing_folder_and_unknown_dataset(tmp_path):
-    missing = cli("train", f"--data={tmp_path / 'nowhere'}", *TINY_TRAIN, tmp_path=tmp_path)
+    # Flags can come from a file.
+    flagfile = tmp_path / "train.flags"
+    flagfile.write_text("\n".join([f"--data={tmp_path / 'nowhere'}", *TINY_TRAIN]) + "\n")
+    missing = cli("train", f"--flagfile={flagfile}", tmp_path=tmp_path)
     assert_user_error(missing, "nowhere")
     unknown = cli("train", "--data=fashion_mnst", *TINY_TRAIN, tmp_path=tmp_path)
     assert_user_error(unknown, "fashion_mnist")

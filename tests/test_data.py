@@ -295,3 +295,9 @@ def test_wordnet_errors(tmp_path):
         load_wordnet_nouns(("animals",), path=tmp_path / "data.noun")
     with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
         load_wordnet_nouns(path=tmp_path / "data.noun")
+
+
+def test_digits_caps_test_split_per_class():
+    splits = load_dataset("digits", image_size=(8, 8), max_test_per_class=2, batch_size=64)
+    labels = np.concatenate([y.numpy() for _, y in splits.test])
+    assert np.bincount(labels, minlength=10).tolist() == [2] * 10

@@ -110,7 +110,14 @@ def _load_fashion_mnist(
 
 
 def _load_digits(
-    *, image_size, batch_size, validation_split, seed, max_per_class, test_split=DIGITS_TEST_SPLIT
+    *,
+    image_size,
+    batch_size,
+    validation_split,
+    seed,
+    max_per_class,
+    max_test_per_class=None,
+    test_split=DIGITS_TEST_SPLIT,
 ):
     validate_split_options(batch_size, validation_split, test_split)
     try:
@@ -121,6 +128,13 @@ def _load_digits(
     images = (digits.images * (255.0 / _DIGITS_MAX_VALUE)).astype(np.float32)
     rows = cap_per_class(digits.target, max_per_class, seed)
     splits = stratified_split(digits.target[rows], validation_split, test_split, seed)
+    if max_test_per_class is not None:
+        validate_max("max_test_per_class", max_test_per_class)
+        test = splits[2]
+        splits = (
+            *splits[:2],
+            test[cap_per_class(digits.target[rows][test], max_test_per_class, seed)],
+        )
     parts = {
         split: (images[rows[part]], digits.target[rows[part]])
         for split, part in zip(("train", "validation", "test"), splits, strict=True)

@@ -12,6 +12,7 @@ import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -32,6 +33,10 @@ ON_ERROR_MODES = ("skip", "raise")
 _TF_FORMATS = ("BMP", "GIF", "JPEG", "PNG", "WEBP")
 # Bit depths TensorFlow's BMP decoder reads (a 1-bit BMP fails: checked on TF 2.21).
 _TF_BMP_BITS = (8, 24, 32)
+# Checking every file first takes a while on big folders: show a progress bar
+# from this many files, updated every _PROGRESS_EVERY files.
+_PROGRESS_MIN_FILES = 2000
+_PROGRESS_EVERY = 100
 # How many bad paths a warning or an error spells out.
 _MAX_LISTED = 5
 
@@ -265,8 +270,19 @@ def image_folder_dataset(
     classes, files = _list_images(directory)
     paths = [path for found in files for path in found]
     labels = np.repeat(np.arange(len(classes)), [len(found) for found in files])
+    progress = (
+        keras.utils.Progbar(len(paths), unit_name="file")
+        if len(paths) >= _PROGRESS_MIN_FILES
+        else None
+    )
+    reasons = []
     with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while decoding.
-        reasons = list(pool.map(_unreadable_reason, paths))
+        for reason in pool.map(_unreadable_reason, paths):
+            reasons.append(reason)
+            if progress is not None and len(reasons) % _PROGRESS_EVERY == 0:
+                progress.update(len(reasons))
+    if progress is not None:
+        progress.update(len(reasons), finalize=True)
     skipped = [{"path": p, "reason": r} for p, r in zip(paths, reasons, strict=True) if r]
     if skipped:
         listed = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:_MAX_LISTED])
