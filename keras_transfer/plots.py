@@ -70,7 +70,8 @@ def plot_lr_find(result, path: str) -> str:
     return path
 
 
-def _history_dict(history) -> dict:
+def history_dict(history) -> dict:
+    """The per-epoch metrics of a `keras.callbacks.History` (or a dict) as a dict."""
     values = getattr(history, "history", history)
     if not isinstance(values, Mapping):
         raise TypeError(
@@ -128,7 +129,7 @@ def plot_training_curves(history, path: str, title: str | None = None) -> str:
     >>> plot_training_curves(history, out) == out
     True
     """
-    values = _history_dict(history)
+    values = history_dict(history)
     losses = values.get("loss")
     if not losses:
         raise ValueError(

@@ -16,19 +16,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from keras_transfer.plots import STAGE_NAMES, history_dict
+
 REPORT_FILENAME = "report.md"
-# Same names as the stage lines of `kt.plots.plot_training_curves`.
-_STAGE_NAMES = {1: "train head", 2: "fine-tune"}
-
-
-def _history_dict(history) -> dict:
-    values = getattr(history, "history", history)
-    if not isinstance(values, Mapping):
-        raise TypeError(
-            "`history` must be a keras.callbacks.History or a dict of per-epoch "
-            f"lists. Received: {type(history).__name__}"
-        )
-    return dict(values)
 
 
 def _json_number(value):
@@ -64,7 +54,7 @@ def save_history_json(history, path: str) -> str:
     >>> json.load(open(out))
     {'loss': [0.5], 'stage': [1]}
     """
-    values = _history_dict(history)
+    values = history_dict(history)
     serialisable = {
         str(key): [_json_number(value) for value in series] for key, series in values.items()
     }
@@ -129,7 +119,7 @@ def _stage_rows(history):
         if index < num_epochs and stages[index] == stages[start]:
             continue
         stage = stages[start]
-        name = _STAGE_NAMES.get(stage) if named else None
+        name = STAGE_NAMES.get(stage) if named else None
         label = f"{stage} ({name})" if name else str(stage)
         epochs = f"{start + 1}-{index}" if index - start > 1 else str(index)
         last = index - 1
@@ -225,7 +215,7 @@ def write_run_report(
         raise TypeError(
             f"`images` must be a dict of {{caption: path}}. Received: {type(images).__name__}"
         )
-    values = _history_dict(history)
+    values = history_dict(history)
     os.makedirs(run_dir, exist_ok=True)
     links = [_image_link(run_dir, name, path) for name, path in images.items()]
 
