@@ -3,7 +3,7 @@
 Every function takes and returns plain Keras / TensorFlow objects.
 """
 
-from keras_transfer import data
+from keras_transfer import data, export, serving
 from keras_transfer.backbones import (
     PREPROCESSING_MODES,
     BackboneSpec,
@@ -71,6 +71,7 @@ __all__ = [
     "discriminative_multipliers",
     "discriminative_optimizer",
     "evaluate_classifier",
+    "export",
     "fine_tune",
     "format_report",
     "freeze_backbone",
@@ -86,6 +87,7 @@ __all__ = [
     "prepare_for_unfreezing",
     "register_backbone",
     "save_history_json",
+    "serving",
     "train_run",
     "trainable_summary",
     "unfreeze",

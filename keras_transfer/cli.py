@@ -11,6 +11,11 @@ Usage:
   keras-transfer evaluate --model=RUN_DIR_OR_KERAS --data=DATA
   keras-transfer predict --model=RUN_DIR_OR_KERAS --images=FILE_OR_FOLDER[,...]
       --model=imagenet:efficientnet_lite0 uses the 1000-class ImageNet model.
+  keras-transfer export --model=RUN_DIR_OR_KERAS --output=saved_models/NAME
+      [--format=saved_model,tflite] [--quantization=none,int8]
+      SavedModel for TF Serving in NAME/<version>/, LiteRT files with a parity
+      report in NAME/litert/. int8 calibrates on the run's training data
+      (or --data for a bare .keras file).
 
 Flags may also come from a file: --flagfile=train.flags
 """
@@ -24,7 +29,7 @@ import sys
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "evaluate", "predict", "demo")
+COMMANDS = ("train", "evaluate", "predict", "export", "demo")
 
 flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone name (see list_backbones()).")
 flags.DEFINE_string("data", "fashion_mnist", "Dataset name, tfds:<name>, or image folder.")
@@ -52,10 +57,22 @@ flags.DEFINE_enum(
     "task", "image", ["image", "text"], "image, or text (KerasHub backbone, e.g. minilm)."
 )
 flags.DEFINE_integer("sequence_length", 64, "Tokens per text (text task).")
+flags.DEFINE_string("output", None, "Export folder saved_models/<name> (export, demo).")
+flags.DEFINE_list("format", ["saved_model", "tflite"], "Export formats: saved_model, tflite.")
+flags.DEFINE_list("quantization", ["none"], "LiteRT modes: none, dynamic, float16, int8.")
+flags.DEFINE_integer("version", None, "SavedModel version (default: the next free one).")
+flags.DEFINE_boolean("overwrite", False, "Replace an existing SavedModel version.")
 flags.DEFINE_boolean("quick", False, "Shrink the demo to a smoke run (for tests).")
 
 # User errors: reported in one line, exit code 2, no traceback.
-_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ImportError, KeyError)
+_USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    PermissionError,
+    ImportError,
+    KeyError,
+)
 
 
 def _train():
@@ -86,7 +103,7 @@ def _train():
 
 
 def _evaluate():
-    from keras_transfer.data import image_folder_dataset, load_dataset
+    from keras_transfer.data import image_folder_dataset
     from keras_transfer.evaluation import evaluate_classifier, format_report
     from keras_transfer.predict import load_model_for_prediction
 
@@ -103,10 +120,7 @@ def _evaluate():
         )
         test = splits.train
     else:
-        caps = {"max_test_per_class": FLAGS.max_test_per_class} if FLAGS.max_test_per_class else {}
-        splits = load_dataset(
-            FLAGS.data, image_size=size, batch_size=FLAGS.batch_size, seed=FLAGS.seed, **caps
-        )
+        splits = _load_data(FLAGS.data, size)
         test = splits.test if splits.test is not None else splits.validation
     report = evaluate_classifier(model, test, class_names or splits.class_names)
     print(format_report(report))
@@ -130,11 +144,61 @@ def _predict():
             print(f"{name:<{width}}  {label:<28} {probability:.3f}")
 
 
+def _export():
+    from keras_transfer.export import export_model
+    from keras_transfer.predict import load_model_for_prediction
+    from keras_transfer.runs import load_run_config, load_run_splits
+
+    source = _required("model")
+    output = _required("output")
+    model, class_names = load_model_for_prediction(source)
+    splits = None
+    if FLAGS["data"].present:
+        size = tuple(model.input_shape[1:3])
+        splits = _load_data(FLAGS.data, size)
+    elif os.path.isdir(source):
+        config = load_run_config(source)
+        if config.task == "image":
+            splits = load_run_splits(config)
+    if splits is not None and class_names is None:
+        class_names = splits.class_names
+    evaluation = None
+    if splits is not None:
+        evaluation = splits.test if splits.test is not None else splits.validation
+    result = export_model(
+        model,
+        output,
+        formats=FLAGS.format,
+        quantizations=FLAGS.quantization,
+        labels=class_names,
+        representative_data=None if splits is None else splits.train,
+        evaluation_data=evaluation,
+        version=FLAGS.version,
+        overwrite=FLAGS.overwrite,
+    )
+    if result["saved_model"]:
+        print(f"SavedModel: {result['saved_model']}")
+    for report in result["tflite"]:
+        print(f"LiteRT: {report.path}")
+
+
+def _load_data(data, size):
+    """Splits of a named dataset with the --max_*_per_class caps, at `size`."""
+    from keras_transfer.data import load_dataset
+
+    caps = {"max_test_per_class": FLAGS.max_test_per_class} if FLAGS.max_test_per_class else {}
+    if FLAGS.max_per_class:
+        caps["max_per_class"] = FLAGS.max_per_class
+    return load_dataset(data, image_size=size, batch_size=FLAGS.batch_size, seed=FLAGS.seed, **caps)
+
+
 def _demo():
     from keras_transfer.demo import run_demo
 
     default = "runs/demo" if FLAGS.task == "image" else "runs/demo_text"
-    run_demo(FLAGS.output_dir or default, task=FLAGS.task, quick=FLAGS.quick)
+    run_demo(
+        FLAGS.output_dir or default, task=FLAGS.task, quick=FLAGS.quick, export_dir=FLAGS.output
+    )
 
 
 def _required(name):
@@ -154,7 +218,14 @@ def main(argv):
 
     tf.get_logger().setLevel("ERROR")  # retracing notices are not for users
     try:
-        {"train": _train, "evaluate": _evaluate, "predict": _predict, "demo": _demo}[commands[0]]()
+        commands_to_run = {
+            "train": _train,
+            "evaluate": _evaluate,
+            "predict": _predict,
+            "export": _export,
+            "demo": _demo,
+        }
+        commands_to_run[commands[0]]()
     except _USER_ERRORS as error:
         logging.debug("user error", exc_info=True)
         message = error.args[0] if isinstance(error, KeyError) and error.args else error

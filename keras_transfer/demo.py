@@ -57,6 +57,9 @@ TEXT_DEMO = RunConfig(
 # Random-init text baseline: every layer trains from the start at 1e-4 (the
 # usual transformer fine-tuning LR; "full" trains at learning_rate / 10).
 TEXT_RANDOM_INIT_CHANGES = {"weights": "none", "recipe": "full", "lr_spread": 1.0}
+# The pretrained image model is exported for TF Serving and phones.
+DEFAULT_EXPORT_DIR = os.path.join("saved_models", "fashion_mnist_lite0")
+EXPORT_QUANTIZATIONS = ("none", "int8")
 # --quick: a smoke run of the same code path, for tests.
 QUICK_CHANGES = {"epochs": (1, 1), "image_size": 32, "max_per_class": 4, "max_test_per_class": 2}
 TEXT_QUICK_CHANGES = {"epochs": (1, 1), "max_per_class": 12, "sequence_length": 16}
@@ -67,6 +70,7 @@ def run_demo(
     *,
     task: str = "image",
     quick: bool = False,
+    export_dir: str | None = None,
     verbose="auto",
     print_fn=print,
 ) -> dict:
@@ -82,6 +86,9 @@ def run_demo(
             `random_init/`); must not exist yet.
         task: `"image"` or `"text"`.
         quick: shrink everything (for tests).
+        export_dir: where the pretrained image model is exported
+            (SavedModel + LiteRT float and int8 with parity reports); None:
+            `saved_models/fashion_mnist_lite0`. Text models stay `.keras`.
         verbose: Keras progress bars.
         print_fn: where the comparison goes.
 
@@ -121,4 +128,33 @@ def run_demo(
         f"({base.max_per_class} labelled examples per class, {base.data})"
     )
     print_fn(f"runs, reports and models: {output_dir}/pretrained, {output_dir}/random_init")
+    if task == "image":
+        results["export"] = _export_pretrained(
+            os.path.join(output_dir, "pretrained"), export_dir or DEFAULT_EXPORT_DIR, print_fn
+        )
     return results
+
+
+def _export_pretrained(run_dir, export_dir, print_fn):
+    """SavedModel + LiteRT (float, int8) of the pretrained run, with parity reports."""
+    import keras
+
+    from keras_transfer.export import export_model, format_parity_table
+    from keras_transfer.runs import MODEL_FILE, load_labels, load_run_config, load_run_splits
+
+    model = keras.saving.load_model(os.path.join(run_dir, MODEL_FILE), safe_mode=True)
+    splits = load_run_splits(load_run_config(run_dir))
+    print_fn(f"\n== export: {export_dir} ==")
+    result = export_model(
+        model,
+        export_dir,
+        quantizations=EXPORT_QUANTIZATIONS,
+        labels=load_labels(run_dir),
+        representative_data=splits.train,
+        evaluation_data=splits.test,
+        verbose=False,
+    )
+    print_fn(format_parity_table(result["tflite"]))
+    print_fn(f"SavedModel (TF Serving): {result['saved_model']}")
+    print_fn("LiteRT: " + ", ".join(report.path for report in result["tflite"]))
+    return result

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 
 from keras_transfer.backbones.preprocessing import ImagePreprocessing
+from keras_transfer.data.images import decode_image_bytes
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 IMAGENET_MODELS = ("imagenet:efficientnet_lite0",)
@@ -36,16 +37,20 @@ def image_files(paths: list[str]) -> list[str]:
 
 
 def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
-    """Reads an image file as float32 RGB `size` pixels in 0..255."""
-    from PIL import Image, UnidentifiedImageError
+    """Reads an image file as float32 RGB `size` pixels in 0..255.
 
+    Decodes with `data.decode_image_bytes`, the decoder of the training
+    pipelines and of the exported `serving_bytes` signature.
+    """
+    import tensorflow as tf
+
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"Not a readable image file: {path!r} ({error})") from None
-    resized = keras.ops.image.resize(np.asarray(rgb, "float32")[None], size)
-    return np.asarray(resized)[0]
+        return decode_image_bytes(tf.constant(data), tuple(size)).numpy()
+    except tf.errors.InvalidArgumentError as error:
+        reason = error.message.strip().splitlines()[0]
+        raise ValueError(f"Not a readable image file: {path!r} ({reason})") from None
 
 
 def load_model_for_prediction(model: str) -> tuple[keras.Model, list[str] | None]:

@@ -110,7 +110,48 @@ def _caps(config: RunConfig) -> dict:
     return {key: value for key, value in caps.items() if value is not None}
 
 
-def _load_splits(config: RunConfig):
+def load_run_config(run_dir: str) -> RunConfig:
+    """The `RunConfig` a run directory was trained with (its `config.json`).
+
+    Args:
+        run_dir: a run directory written by `train_run`.
+
+    Returns:
+        The `RunConfig`.
+
+    Raises:
+        FileNotFoundError: the folder has no `config.json`.
+
+    Example:
+
+    >>> import tempfile, dataclasses, json
+    >>> folder = tempfile.mkdtemp()
+    >>> with open(f"{folder}/config.json", "w") as f:
+    ...     json.dump(dataclasses.asdict(RunConfig(data="digits")), f)
+    >>> load_run_config(folder).data
+    'digits'
+    """
+    path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Not a run directory (no {CONFIG_FILE}). Received: {run_dir!r}")
+    with open(path, encoding="utf-8") as f:
+        settings = json.load(f)
+    fields = {field.name for field in dataclasses.fields(RunConfig)}
+    settings = {key: value for key, value in settings.items() if key in fields}
+    if isinstance(settings.get("epochs"), list):
+        settings["epochs"] = tuple(settings["epochs"])
+    return RunConfig(**settings)
+
+
+def load_run_splits(config: RunConfig):
+    """The train / validation / test splits a run was trained and tested on.
+
+    Args:
+        config: the run's `RunConfig` (see `load_run_config`).
+
+    Returns:
+        A `DatasetSplits`, with the same subset and seed as the run.
+    """
     if config.task not in TASKS:
         raise ValueError(f"`task` must be one of {TASKS}. Received: task={config.task!r}")
     if config.task == "image":
@@ -188,7 +229,7 @@ def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
         )
     keras.utils.set_random_seed(config.seed)
     weights = None if str(config.weights).lower() in ("none", "random") else config.weights
-    splits = _load_splits(config)
+    splits = load_run_splits(config)
     parent = os.path.dirname(os.path.abspath(config.output_dir))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)

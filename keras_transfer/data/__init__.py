@@ -9,7 +9,12 @@ from keras_transfer.data.catalog import (
     FASHION_MNIST_CLASSES,
     load_dataset,
 )
-from keras_transfer.data.images import IMAGE_EXTENSIONS, array_dataset, image_folder_dataset
+from keras_transfer.data.images import (
+    IMAGE_EXTENSIONS,
+    array_dataset,
+    decode_image_bytes,
+    image_folder_dataset,
+)
 from keras_transfer.data.splits import DatasetSplits
 from keras_transfer.data.text import WORDNET_NOUN_CATEGORIES, load_wordnet_nouns, text_dataset
 
@@ -20,6 +25,7 @@ __all__ = [
     "WORDNET_NOUN_CATEGORIES",
     "DatasetSplits",
     "array_dataset",
+    "decode_image_bytes",
     "image_folder_dataset",
     "load_dataset",
     "load_wordnet_nouns",

@@ -196,11 +196,42 @@ def _list_images(directory):
     return classes, files
 
 
+def decode_image_bytes(data: tf.Tensor, image_size: tuple[int, int]) -> tf.Tensor:
+    """Decodes one encoded image into float32 RGB pixels of `image_size`.
+
+    The one decoder of the toolkit: training pipelines, `predict` and the
+    exported `serving_bytes` signature all call it, so a served model sees
+    the pixels it was trained on. Grey images become RGB, an animation its
+    first frame; resizing is bilinear with antialiasing.
+
+    Args:
+        data: scalar `tf.string` tensor of JPEG, PNG, GIF, BMP or WebP bytes.
+        image_size: `(height, width)` of the result.
+
+    Returns:
+        A float32 tensor `[height, width, 3]` in 0..255.
+
+    Raises:
+        tf.errors.InvalidArgumentError: when `data` is not a readable image.
+
+    Example:
+
+    >>> import io
+    >>> from PIL import Image
+    >>> buffer = io.BytesIO()
+    >>> Image.new("L", (40, 30), color=200).save(buffer, format="PNG")
+    >>> image = decode_image_bytes(tf.constant(buffer.getvalue()), (16, 16))
+    >>> tuple(image.shape), float(image[0, 0, 0])
+    ((16, 16, 3), 200.0)
+    """
+    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return tf.image.resize(image, image_size, antialias=True)
+
+
 def _decode(image_size):
     def decode(path, label):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        image.set_shape([None, None, 3])
-        image = tf.image.resize(image, image_size, antialias=True)
+        image = decode_image_bytes(tf.io.read_file(path), image_size)
         # Cached as uint8 (4x smaller than float32); rounding moves a pixel by <= 0.5.
         return tf.saturate_cast(tf.round(image), tf.uint8), label
 

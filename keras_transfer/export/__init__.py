@@ -1,0 +1,49 @@
+"""Export: SavedModel for TensorFlow Serving and LiteRT (TFLite) files.
+
+Both take a plain `keras.Model` and write files; see `saved_model` and `tflite`.
+"""
+
+from keras_transfer.export.bundle import FORMATS, export_model
+from keras_transfer.export.saved_model import next_version, saved_model, write_models_config
+from keras_transfer.export.signatures import (
+    BYTES_INPUT,
+    CLASSES,
+    IMAGE_INPUT,
+    PROBABILITIES,
+    SCORES,
+    SERVING_BYTES,
+    SERVING_DEFAULT,
+)
+from keras_transfer.export.tflite import (
+    IO_TYPES,
+    QUANTIZATIONS,
+    ParityReport,
+    float32_model,
+    float_ops,
+    format_parity_table,
+    read_tflite_labels,
+    tflite,
+)
+
+__all__ = [
+    "BYTES_INPUT",
+    "CLASSES",
+    "FORMATS",
+    "IMAGE_INPUT",
+    "IO_TYPES",
+    "PROBABILITIES",
+    "QUANTIZATIONS",
+    "ParityReport",
+    "SCORES",
+    "SERVING_BYTES",
+    "SERVING_DEFAULT",
+    "export_model",
+    "float32_model",
+    "float_ops",
+    "format_parity_table",
+    "next_version",
+    "read_tflite_labels",
+    "saved_model",
+    "tflite",
+    "write_models_config",
+]

@@ -1,0 +1,473 @@
+"""LiteRT (TFLite) export with post-training quantisation and a parity report.
+
+`tflite(model, "model.tflite", quantization=...)` converts the model's
+`serving_default` signature (input `image`, output `probabilities`: the names
+of `export.signatures`) and measures the file against the Keras model with the
+LiteRT interpreter (`ai-edge-litert`): top-1 agreement, max abs difference,
+accuracy of both, latency per image. Class names travel as `<stem>.labels.txt`
+beside the file and as a `keras_transfer.labels` metadata entry inside it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_transfer.export import signatures
+
+QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
+IO_TYPES = ("float32", "uint8", "int8")
+LABELS_METADATA = "keras_transfer.labels"
+# Calibration images for int8: the TFLite guide's "around 100-500 samples".
+DEFAULT_CALIBRATION_SAMPLES = 100
+# Images timed for latency (after one warm-up call).
+LATENCY_SAMPLES = 50
+
+
+def _litert_interpreter():
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        raise ImportError(
+            "Running .tflite files needs the LiteRT interpreter: pip install ai-edge-litert==2.3.0"
+        ) from None
+    return Interpreter
+
+
+@dataclasses.dataclass
+class ParityReport:
+    """How a LiteRT file compares with the Keras model it came from.
+
+    Attributes:
+        path: the `.tflite` file.
+        quantization: one of `QUANTIZATIONS`.
+        io_type: input/output dtype of the file.
+        size_bytes: file size.
+        num_examples: examples compared (0 without data).
+        top1_agreement: share of examples where both models pick the same class.
+        max_abs_diff: largest difference between the probabilities.
+        keras_accuracy / tflite_accuracy: accuracy when labels were given.
+        latency_ms_mean / latency_ms_p95: LiteRT time per image (batch 1).
+        float_ops: ops of an int8 file that still compute in float.
+    """
+
+    path: str
+    quantization: str
+    io_type: str
+    size_bytes: int
+    num_examples: int = 0
+    top1_agreement: float | None = None
+    max_abs_diff: float | None = None
+    keras_accuracy: float | None = None
+    tflite_accuracy: float | None = None
+    latency_ms_mean: float | None = None
+    latency_ms_p95: float | None = None
+    float_ops: list[str] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """The report as a JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+def format_parity_table(reports: Sequence[ParityReport]) -> str:
+    """A fixed-width table of parity reports, one row per file.
+
+    Args:
+        reports: reports from `tflite`.
+
+    Returns:
+        The table as text.
+
+    Example:
+
+    >>> print(format_parity_table([ParityReport("m.tflite", "none", "float32", 2048)]))
+    quantization  io       size KB  top-1 agree  max abs diff  acc keras  acc lite  ms mean  ms p95
+    none          float32      2.0            -             -          -         -        -       -
+    """
+
+    def cell(value, fmt):
+        return "-" if value is None else format(value, fmt)
+
+    lines = [
+        "quantization  io       size KB  top-1 agree  max abs diff  acc keras  acc lite"
+        "  ms mean  ms p95"
+    ]
+    for r in reports:
+        lines.append(
+            f"{r.quantization:<12}  {r.io_type:<7}  {r.size_bytes / 1024:7.1f}  "
+            f"{cell(r.top1_agreement, '11.4f'):>11}  {cell(r.max_abs_diff, '12.2e'):>12}  "
+            f"{cell(r.keras_accuracy, '9.4f'):>9}  {cell(r.tflite_accuracy, '8.4f'):>8}  "
+            f"{cell(r.latency_ms_mean, '7.2f'):>7}  {cell(r.latency_ms_p95, '6.2f'):>6}"
+        )
+    return "\n".join(lines)
+
+
+def _check_choice(name, value, allowed):
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"`{name}` must be one of {allowed}.{hint} Received: {name}={value!r}")
+
+
+def _as_arrays(data, limit=None):
+    """(images, labels or None) as numpy from a dataset, a tuple or an array."""
+    if data is None:
+        return None, None
+    if isinstance(data, tf.data.Dataset):
+        images, labels = [], []
+        count = 0
+        for batch in data:
+            x, y = batch if isinstance(batch, tuple) else (batch, None)
+            images.append(np.asarray(x, "float32"))
+            if y is not None:
+                labels.append(np.asarray(y))
+            count += len(images[-1])
+            if limit is not None and count >= limit:
+                break
+        if not images:
+            raise ValueError("The dataset given for export is empty.")
+        x = np.concatenate(images)
+        y = np.concatenate(labels) if labels else None
+    elif isinstance(data, tuple):
+        x, y = np.asarray(data[0], "float32"), np.asarray(data[1])
+    else:
+        x, y = np.asarray(data, "float32"), None
+    if limit is not None:
+        x = x[:limit]
+        y = None if y is None else y[:limit]
+    return x, y
+
+
+def _converter(saved_model_dir, quantization, representative, io_type):
+    converter = tf.lite.TFLiteConverter.from_saved_model(
+        saved_model_dir, signature_keys=[signatures.SERVING_DEFAULT]
+    )
+    if quantization == "none":
+        return converter
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantization == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    elif quantization == "int8":
+
+        def calibration():
+            for image in representative:
+                yield [image[None]]
+
+        converter.representative_dataset = calibration
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        converter.inference_input_type = tf.as_dtype(io_type)
+        converter.inference_output_type = tf.as_dtype(io_type)
+    return converter
+
+
+def _schema():
+    from ai_edge_litert import schema_py_generated as schema
+
+    return schema
+
+
+def float_ops(flatbuffer: bytes) -> list[str]:
+    """Names of the ops that read or write float32 tensors (boundary casts excepted).
+
+    Args:
+        flatbuffer: the bytes of a `.tflite` file.
+
+    Returns:
+        Sorted unique op names, e.g. `["LOGISTIC"]`; empty for a fully
+        integer model (QUANTIZE / DEQUANTIZE at float inputs and outputs are
+        not counted).
+    """
+    schema = _schema()
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    boundary = {schema.BuiltinOperator.QUANTIZE, schema.BuiltinOperator.DEQUANTIZE}
+    model = schema.Model.GetRootAs(flatbuffer, 0)
+    found = set()
+    for s in range(model.SubgraphsLength()):
+        graph = model.Subgraphs(s)
+        for o in range(graph.OperatorsLength()):
+            op = graph.Operators(o)
+            code = model.OperatorCodes(op.OpcodeIndex())
+            builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+            if builtin in boundary:
+                continue
+            tensors = [op.Inputs(i) for i in range(op.InputsLength())]
+            tensors += [op.Outputs(i) for i in range(op.OutputsLength())]
+            if any(
+                t >= 0 and graph.Tensors(t).Type() == schema.TensorType.FLOAT32 for t in tensors
+            ):
+                found.add(names.get(builtin, str(builtin)))
+    return sorted(found)
+
+
+def _with_labels_metadata(flatbuffer: bytes, labels: list[str]) -> bytes:
+    """The model with a `keras_transfer.labels` metadata entry (labels, one per line)."""
+    import flatbuffers
+
+    schema = _schema()
+    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer("\n".join(labels).encode("utf-8"), dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = LABELS_METADATA
+    entry.buffer = len(model.buffers) - 1
+    model.metadata = [*(model.metadata or []), entry]
+    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def read_tflite_labels(path: str) -> list[str] | None:
+    """Class names stored in a `.tflite` file by `tflite` (None if it has none).
+
+    Args:
+        path: a `.tflite` file.
+
+    Returns:
+        The labels, or None.
+    """
+    with open(path, "rb") as f:
+        model = _schema().Model.GetRootAs(f.read(), 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name().decode() == LABELS_METADATA:
+            data = model.Buffers(entry.Buffer()).DataAsNumpy()
+            return bytes(data).decode("utf-8").split("\n")
+    return None
+
+
+class _LiteRunner:
+    """Runs the `serving_default` signature of a `.tflite` file on float images."""
+
+    def __init__(self, path):
+        self.interpreter = _litert_interpreter()(model_path=path, num_threads=os.cpu_count())
+        self.runner = self.interpreter.get_signature_runner(signatures.SERVING_DEFAULT)
+        details = self.runner.get_input_details()[signatures.IMAGE_INPUT]
+        self.input_dtype = details["dtype"]
+        self.input_quant = details["quantization"]
+        self.output_quant = self.runner.get_output_details()[signatures.PROBABILITIES][
+            "quantization"
+        ]
+
+    def __call__(self, image):
+        x = image[None].astype("float32")
+        if self.input_dtype != np.float32:
+            scale, zero = self.input_quant
+            info = np.iinfo(self.input_dtype)
+            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(self.input_dtype)
+        y = self.runner(**{signatures.IMAGE_INPUT: x})[signatures.PROBABILITIES]
+        if y.dtype != np.float32:
+            scale, zero = self.output_quant
+            y = (y.astype("float32") - zero) * scale
+        return y[0]
+
+
+def _measure(report, model, path, images, labels):
+    runner = _LiteRunner(path)
+    if images is None:
+        images = np.zeros((1, *model.input_shape[1:]), "float32")
+        compare = False
+    else:
+        compare = True
+    runner(images[0])  # warm-up
+    lite, times = [], []
+    for image in images:
+        start = time.perf_counter()
+        lite.append(runner(image))
+        times.append(time.perf_counter() - start)
+    times = np.array(times[:LATENCY_SAMPLES] if len(times) > LATENCY_SAMPLES else times) * 1e3
+    report.latency_ms_mean = float(times.mean())
+    report.latency_ms_p95 = float(np.percentile(times, 95))
+    if not compare:
+        return
+    lite = np.stack(lite)
+    reference = np.asarray(model.predict(images, batch_size=32, verbose=0), "float32")
+    report.num_examples = len(images)
+    report.top1_agreement = float(np.mean(lite.argmax(-1) == reference.argmax(-1)))
+    report.max_abs_diff = float(np.abs(lite - reference).max())
+    if labels is not None:
+        labels = labels.reshape(-1) if labels.ndim > 1 and labels.shape[-1] == 1 else labels
+        truth = labels.argmax(-1) if labels.ndim > 1 else labels
+        report.keras_accuracy = float(np.mean(reference.argmax(-1) == truth))
+        report.tflite_accuracy = float(np.mean(lite.argmax(-1) == truth))
+
+
+def tflite(
+    model: keras.Model,
+    path: str,
+    quantization: str = "none",
+    representative_data: tf.data.Dataset | np.ndarray | None = None,
+    *,
+    evaluation_data: tf.data.Dataset | tuple | np.ndarray | None = None,
+    labels: Sequence[str] | None = None,
+    io_type: str = "float32",
+    num_calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    verbose: bool = True,
+) -> ParityReport:
+    """Converts an image model to a LiteRT (`.tflite`) file and reports parity.
+
+    The file has one signature, `serving_default`: input `image` (pixels
+    0..255, `[batch, h, w, 3]`), output `probabilities`; the model runs in
+    inference mode (augmentation and dropout off). Quantisation modes:
+    `"none"` (float32), `"dynamic"` (int8 weights, float activations),
+    `"float16"` (float16 weights) and `"int8"` (full-integer post-training
+    quantisation calibrated on `representative_data`; every op in int8, or
+    an error that names why).
+
+    Args:
+        model: a built Keras image model.
+        path: the `.tflite` file to write (replaced if it exists).
+        quantization: one of `QUANTIZATIONS`.
+        representative_data: training images for int8 calibration: a
+            `tf.data.Dataset` of images or `(images, labels)` batches, or an
+            array `[n, h, w, 3]`. Required for "int8".
+        evaluation_data: held-out data for the parity report: a dataset of
+            `(images, labels)` batches, an `(images, labels)` tuple or an
+            image array. None compares on the calibration images (int8) or
+            only measures size and latency.
+        labels: class names; written beside the file and into its metadata.
+        io_type: input/output dtype: "float32", or "uint8"/"int8" (int8 only).
+        num_calibration_samples: calibration images taken from
+            `representative_data`.
+        verbose: print the parity table.
+
+    Returns:
+        A `ParityReport`, also written as `<stem>.parity.json` beside `path`.
+
+    Raises:
+        ValueError: bad arguments, int8 without representative data, or an
+            int8 conversion that cannot make every op integer.
+
+    Example:
+
+    >>> import tempfile, keras, numpy as np
+    >>> inputs = keras.Input((8, 8, 3), name="image")
+    >>> x = keras.layers.GlobalAveragePooling2D()(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    >>> path = f"{tempfile.mkdtemp()}/toy.tflite"
+    >>> report = tflite(model, path, evaluation_data=np.ones((4, 8, 8, 3)), verbose=False)
+    >>> report.top1_agreement, report.max_abs_diff < 1e-5
+    (1.0, True)
+    """
+    _check_choice("quantization", quantization, QUANTIZATIONS)
+    _check_choice("io_type", io_type, IO_TYPES)
+    if not signatures.is_image_model(model):
+        raise ValueError(
+            "LiteRT export takes models with one `[batch, h, w, 3]` image input. "
+            f"Received: input_shape={model.input_shape}"
+        )
+    if io_type != "float32" and quantization != "int8":
+        raise ValueError(
+            "Integer inputs and outputs need quantization='int8'. "
+            f"Received: quantization={quantization!r}, io_type={io_type!r}"
+        )
+    if quantization == "int8" and representative_data is None:
+        raise ValueError(
+            "quantization='int8' needs `representative_data`: about 100 training images "
+            "to calibrate activation ranges. Received: representative_data=None"
+        )
+    if isinstance(num_calibration_samples, bool) or num_calibration_samples < 1:
+        raise ValueError(
+            "`num_calibration_samples` must be >= 1. "
+            f"Received: num_calibration_samples={num_calibration_samples!r}"
+        )
+    labels = signatures.validate_labels(model, labels)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"The folder for the .tflite file does not exist: {folder!r}")
+    representative = None
+    if quantization == "int8":
+        representative, _ = _as_arrays(representative_data, num_calibration_samples)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        archive = signatures.serving_archive(float32_model(model), bytes_signature=False)
+        archive.write_out(scratch, verbose=False)
+        converter = _converter(scratch, quantization, representative, io_type)
+        try:
+            flatbuffer = converter.convert()
+        except Exception as error:  # the converter raises ConverterError and others
+            if quantization != "int8":
+                raise
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+            raise ValueError(
+                "Full-integer (int8) conversion failed: some ops have no int8 kernel "
+                f"({reason}). Use quantization='dynamic' or 'float16' for this model."
+            ) from error
+    report = ParityReport(path, quantization, io_type, 0)
+    if quantization == "int8":
+        report.float_ops = float_ops(flatbuffer)
+    if labels:
+        flatbuffer = _with_labels_metadata(flatbuffer, labels)
+    _write_atomic(path, flatbuffer)
+    stem = path[: -len(".tflite")] if path.endswith(".tflite") else path
+    if labels:
+        signatures.write_labels(labels, f"{stem}.labels.txt")
+    report.size_bytes = os.path.getsize(path)
+
+    images, truth = _as_arrays(evaluation_data)
+    if images is None and representative is not None:
+        images = representative
+    _measure(report, model, path, images, truth)
+    _write_atomic(f"{stem}.parity.json", json.dumps(report.to_dict(), indent=2).encode())
+    if verbose:
+        print(format_parity_table([report]))
+    return report
+
+
+def _float32_policy(config):
+    """`config` with every mixed-precision dtype policy replaced by float32."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy":
+            return {**config, "config": {**config["config"], "name": "float32"}}
+        return {key: _float32_policy(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [_float32_policy(value) for value in config]
+    return config
+
+
+def float32_model(model: keras.Model) -> keras.Model:
+    """The model itself, or a float32 copy when it computes in mixed precision.
+
+    LiteRT kernels compute in float32 (float16 is a weight storage format
+    there), so a `mixed_float16` / `mixed_bfloat16` model is rebuilt with the
+    float32 policy and given the same (float32) weights before conversion.
+
+    Args:
+        model: a Keras model.
+
+    Returns:
+        A model with float32 compute.
+    """
+    mixed = any(
+        getattr(layer, "dtype_policy", None) is not None
+        and layer.dtype_policy.compute_dtype != "float32"
+        for layer in model._flatten_layers(include_self=True)
+    )
+    if not mixed:
+        return model
+    config = _float32_policy(keras.saving.serialize_keras_object(model))
+    copy = keras.saving.deserialize_keras_object(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    partial = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
