@@ -109,6 +109,39 @@ def test_missing_folder_and_unknown_dataset(tmp_path):
     assert_user_error(unknown, "fashion_mnist")
 
 
+def test_export_run_directory(tmp_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    train = cli(
+        "train",
+        "--data=digits",
+        "--output_dir=run",
+        "--max_per_class=4",
+        *TINY_TRAIN,
+        tmp_path=tmp_path,
+    )
+    assert train.returncode == 0, train.stderr[-3000:]
+    args = ["export", "--model=run", "--output=saved_models/digits", "--quantization=none,int8"]
+    result = cli(*args, tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "top-1 agree" in result.stdout and "int8" in result.stdout
+    version = tmp_path / "saved_models" / "digits" / "1"
+    assert (version / "saved_model.pb").exists()
+    assert (version / "assets" / "labels.txt").read_text().split() == [str(i) for i in range(10)]
+    litert = tmp_path / "saved_models" / "digits" / "litert"
+    for name in ("digits_none.tflite", "digits_int8.tflite", "digits_int8.labels.txt"):
+        assert (litert / name).exists(), name
+    config = model_server_config_pb2.ModelServerConfig()
+    text_format.Parse((tmp_path / "saved_models" / "models.config").read_text(), config)
+    assert [c.name for c in config.model_config_list.config] == ["digits"]
+    # Same version again: refused without --overwrite, one line, exit 2.
+    again = cli(*args, "--format=saved_model", "--version=1", tmp_path=tmp_path)
+    assert_user_error(again, "Version 1 already exists")
+    bad = cli(*args, "--quantization=int9", tmp_path=tmp_path)
+    assert_user_error(bad, "int9")
+
+
 def test_unknown_command(tmp_path):
     result = cli("fly", tmp_path=tmp_path)
     assert result.returncode == 2 and "give one command" in result.stderr
@@ -121,3 +154,8 @@ def test_demo_quick(tmp_path):
     assert "ImageNet pretrained" in result.stdout and "random init" in result.stdout
     for run in ("pretrained", "random_init"):
         assert (tmp_path / "demo" / run / "report.md").exists()
+    export = tmp_path / "saved_models" / "fashion_mnist_lite0"
+    assert (export / "1" / "saved_model.pb").exists()
+    for name in ("fashion_mnist_lite0_none.tflite", "fashion_mnist_lite0_int8.tflite"):
+        assert (export / "litert" / name).exists(), name
+    assert "top-1 agree" in result.stdout

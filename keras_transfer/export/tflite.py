@@ -311,6 +311,7 @@ def tflite(
     labels: Sequence[str] | None = None,
     io_type: str = "float32",
     num_calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    allow_float_ops: bool = False,
     verbose: bool = True,
 ) -> ParityReport:
     """Converts an image model to a LiteRT (`.tflite`) file and reports parity.
@@ -338,6 +339,8 @@ def tflite(
         io_type: input/output dtype: "float32", or "uint8"/"int8" (int8 only).
         num_calibration_samples: calibration images taken from
             `representative_data`.
+        allow_float_ops: int8 only: accept a file where some ops stayed in
+            float (listed in `report.float_ops`) instead of failing.
         verbose: print the parity table.
 
     Returns:
@@ -345,7 +348,8 @@ def tflite(
 
     Raises:
         ValueError: bad arguments, int8 without representative data, or an
-            int8 conversion that cannot make every op integer.
+            int8 conversion that cannot make every op integer (the error
+            names the ops; nothing is written).
 
     Example:
 
@@ -406,6 +410,12 @@ def tflite(
     report = ParityReport(path, quantization, io_type, 0)
     if quantization == "int8":
         report.float_ops = float_ops(flatbuffer)
+        if report.float_ops and not allow_float_ops:
+            raise ValueError(
+                "Full-integer (int8) conversion is impossible for this model: these ops have "
+                f"no int8 kernel and stayed in float: {report.float_ops}. Use "
+                "quantization='dynamic' or 'float16', or pass allow_float_ops=True."
+            )
     if labels:
         flatbuffer = _with_labels_metadata(flatbuffer, labels)
     _write_atomic(path, flatbuffer)
