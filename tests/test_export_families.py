@@ -1,7 +1,7 @@
 """Acceptance of the exports on three families with trained weights and real held-out data.
 
 EfficientNet-Lite0 uses its shipped ImageNet weights (fine-tuned head on
-Fashion-MNIST). MobileNetV3 and ResNet50V2 have no weights that install
+Fashion-MNIST). MobileNetV3-Large and ResNet50V2 have no weights that install
 offline, so they are trained from scratch on scikit-learn's digits: real
 trained weights and real held-out images, never random weights.
 """
@@ -18,7 +18,7 @@ from keras_transfer.data import decode_image_bytes
 FAMILIES = {
     # name: (backbone, weights, dataset, image size, epochs, extra builder kwargs)
     "efficientnet_lite0": ("efficientnet_lite0", "imagenet", "fashion_mnist", 96, 4, {}),
-    "mobilenet_v3_small": ("mobilenet_v3_small", None, "digits", 32, 8, {}),
+    "mobilenet_v3_large": ("mobilenet_v3_large", None, "digits", 32, 6, {}),
     "resnet50_v2": ("resnet50_v2", None, "digits", 32, 5, {}),
 }
 
