@@ -221,7 +221,7 @@ def decode_image_bytes(data: tf.Tensor, image_size: tuple[int, int]) -> tf.Tenso
     >>> buffer = io.BytesIO()
     >>> Image.new("L", (40, 30), color=200).save(buffer, format="PNG")
     >>> image = decode_image_bytes(tf.constant(buffer.getvalue()), (16, 16))
-    >>> tuple(image.shape), float(image[0, 0, 0])
+    >>> tuple(image.shape), round(float(image[0, 0, 0]), 3)
     ((16, 16, 3), 200.0)
     """
     image = tf.io.decode_image(data, channels=3, expand_animations=False)
