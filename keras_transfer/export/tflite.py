@@ -284,7 +284,7 @@ def _measure(report, model, path, images, labels):
         start = time.perf_counter()
         lite.append(runner(image))
         times.append(time.perf_counter() - start)
-    times = np.array(times[:LATENCY_SAMPLES] if len(times) > LATENCY_SAMPLES else times) * 1e3
+    times = np.array(times[:LATENCY_SAMPLES]) * 1e3
     report.latency_ms_mean = float(times.mean())
     report.latency_ms_p95 = float(np.percentile(times, 95))
     if not compare:
