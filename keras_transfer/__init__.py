@@ -1,9 +1,18 @@
 """keras_transfer: transfer learning with TensorFlow and Keras 3.
 
-Every function takes and returns plain Keras / TensorFlow objects.
+Every function takes and returns plain Keras / TensorFlow objects. Importing
+the package registers its custom layers, losses and optimizers with Keras, so
+`import keras_transfer` must come before `keras.models.load_model` on a model
+it built.
 """
 
-from keras_transfer import data, export, serving
+from keras_transfer import _startup
+
+# Before anything imports TensorFlow: the command keeps its C++ notices quiet.
+if _startup.is_command():
+    _startup.import_tensorflow_quietly()
+
+from keras_transfer import data, export, runs, serving
 from keras_transfer.backbones import (
     PREPROCESSING_MODES,
     BackboneSpec,
@@ -86,6 +95,7 @@ __all__ = [
     "plot_training_curves",
     "prepare_for_unfreezing",
     "register_backbone",
+    "runs",
     "save_history_json",
     "serving",
     "train_run",

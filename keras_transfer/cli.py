@@ -22,8 +22,6 @@ Flags may also come from a file: --flagfile=train.flags
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 from absl import app, flags, logging
@@ -64,22 +62,52 @@ flags.DEFINE_integer("version", None, "SavedModel version (default: the next fre
 flags.DEFINE_boolean("overwrite", False, "Replace an existing SavedModel version.")
 flags.DEFINE_boolean("quick", False, "Shrink the demo to a smoke run (for tests).")
 
+flags.DEFINE_float(
+    "test_split",
+    None,
+    "Fraction of each class held out for test where the data has no official test set "
+    "(image folders, digits; default 0.2).",
+)
+
 # User errors: reported in one line, exit code 2, no traceback.
 _USER_ERRORS = (
     ValueError,
+    TypeError,
     FileNotFoundError,
     FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
     PermissionError,
+    ConnectionError,
     ImportError,
     KeyError,
 )
 
 
+def _int_list(name):
+    """The comma-separated integers of flag `name`, or an error naming the flag."""
+    values = getattr(FLAGS, name)
+    try:
+        numbers = [int(value) for value in values]
+    except ValueError:
+        raise ValueError(
+            f"--{name} must be integers separated by commas, e.g. --{name}=3,3. "
+            f"Received: --{name}={','.join(values)}"
+        ) from None
+    if not numbers:
+        raise ValueError(f"--{name} needs at least one value. Received: --{name}=")
+    return numbers
+
+
 def _train():
     from keras_transfer.runs import RunConfig, train_run
 
-    epochs = [int(e) for e in FLAGS.epochs]
+    epochs = _int_list("epochs")
     blocks = FLAGS.unfreeze_blocks
+    if not (blocks.isdigit() or blocks == "all"):
+        raise ValueError(
+            f"--unfreeze_blocks must be an integer >= 0 or 'all'. Received: --unfreeze_blocks={blocks}"
+        )
     config = RunConfig(
         task=FLAGS.task,
         backbone=FLAGS.backbone,
@@ -93,40 +121,39 @@ def _train():
         image_size=FLAGS.image_size,
         max_per_class=FLAGS.max_per_class,
         max_test_per_class=FLAGS.max_test_per_class,
+        test_split=FLAGS.test_split,
         unfreeze_blocks=int(blocks) if blocks.isdigit() else blocks,
         augmentation=FLAGS.augmentation,
         sequence_length=FLAGS.sequence_length,
         seed=FLAGS.seed,
     )
     report = train_run(config)
-    print(f"test accuracy {report['accuracy']:.3f}; run directory: {report['run_dir']}")
+    if report["split_note"]:
+        print(f"note: {report['split_note']}")
+    print(
+        f"{report['split']} accuracy {report['accuracy']:.3f}; run directory: {report['run_dir']}"
+    )
 
 
 def _evaluate():
-    from keras_transfer.data import image_folder_dataset
-    from keras_transfer.evaluation import evaluate_classifier, format_report
+    from keras_transfer.evaluation import format_report
     from keras_transfer.predict import load_model_for_prediction
+    from keras_transfer.runs import evaluate_model, write_evaluation
 
     model, class_names = load_model_for_prediction(_required("model"))
-    size = tuple(model.input_shape[1:3])
-    if os.path.isdir(FLAGS.data):
-        # A folder given to `evaluate` is all test data.
-        splits = image_folder_dataset(
-            FLAGS.data,
-            image_size=size,
-            batch_size=FLAGS.batch_size,
-            validation_split=0.0,
-            shuffle=False,
-        )
-        test = splits.train
-    else:
-        splits = _load_data(FLAGS.data, size)
-        test = splits.test if splits.test is not None else splits.validation
-    report = evaluate_classifier(model, test, class_names or splits.class_names)
+    report = evaluate_model(
+        model,
+        FLAGS.data,
+        class_names,
+        batch_size=FLAGS.batch_size,
+        seed=FLAGS.seed,
+        max_test_per_class=FLAGS.max_test_per_class,
+    )
+    if report["split_note"]:
+        print(f"note: {report['split_note']}")
     print(format_report(report))
     if FLAGS.output_dir:
-        with open(FLAGS.output_dir, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        print(f"evaluation: {write_evaluation(report, FLAGS.output_dir)}")
 
 
 def _predict():
@@ -142,54 +169,34 @@ def _predict():
         for rank, (label, probability) in enumerate(row["labels"]):
             name = row["file"] if rank == 0 else ""
             print(f"{name:<{width}}  {label:<28} {probability:.3f}")
+    skipped = [row for row in rows if row.get("error")]
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s):", file=sys.stderr)
+        for row in skipped:
+            print(f"  {row['error']}", file=sys.stderr)
 
 
 def _export():
-    from keras_transfer.export import export_model
-    from keras_transfer.predict import load_model_for_prediction
-    from keras_transfer.runs import load_run_config, load_run_splits
+    from keras_transfer.runs import export_run
 
-    source = _required("model")
-    output = _required("output")
-    model, class_names = load_model_for_prediction(source)
-    splits = None
-    if FLAGS["data"].present:
-        size = tuple(model.input_shape[1:3])
-        splits = _load_data(FLAGS.data, size)
-    elif os.path.isdir(source):
-        config = load_run_config(source)
-        if config.task == "image":
-            splits = load_run_splits(config)
-    if splits is not None and class_names is None:
-        class_names = splits.class_names
-    evaluation = None
-    if splits is not None:
-        evaluation = splits.test if splits.test is not None else splits.validation
-    result = export_model(
-        model,
-        output,
+    result = export_run(
+        _required("model"),
+        _required("output"),
         formats=FLAGS.format,
         quantizations=FLAGS.quantization,
-        labels=class_names,
-        representative_data=None if splits is None else splits.train,
-        evaluation_data=evaluation,
+        data=FLAGS.data if FLAGS["data"].present else None,
         version=FLAGS.version,
         overwrite=FLAGS.overwrite,
+        data_options={
+            key: getattr(FLAGS, key)
+            for key in ("batch_size", "seed", "max_per_class", "max_test_per_class", "test_split")
+            if getattr(FLAGS, key) is not None
+        },
     )
     if result["saved_model"]:
         print(f"SavedModel: {result['saved_model']}")
     for report in result["tflite"]:
         print(f"LiteRT: {report.path}")
-
-
-def _load_data(data, size):
-    """Splits of a named dataset with the --max_*_per_class caps, at `size`."""
-    from keras_transfer.data import load_dataset
-
-    caps = {"max_test_per_class": FLAGS.max_test_per_class} if FLAGS.max_test_per_class else {}
-    if FLAGS.max_per_class:
-        caps["max_per_class"] = FLAGS.max_per_class
-    return load_dataset(data, image_size=size, batch_size=FLAGS.batch_size, seed=FLAGS.seed, **caps)
 
 
 def _demo():
@@ -234,12 +241,37 @@ def main(argv):
     return 0
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parses absl flags; a bad flag is reported in one line with exit code 2.
+
+    Args:
+        argv: the command line, program name first.
+
+    Returns:
+        The arguments that are not flags (program name, command).
+
+    Example:
+
+    >>> FLAGS.unparse_flags()
+    >>> parse_flags(["keras-transfer", "train", "--epochs=2,2"])
+    ['keras-transfer', 'train']
+    >>> FLAGS.epochs
+    ['2', '2']
+    >>> FLAGS.unparse_flags()
+    """
+    try:
+        return FLAGS(argv)
+    except flags.Error as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
 def run():
     """Console-script entry point."""
     # absl prints the __main__ module's docstring for --help; the console
     # script's wrapper has none.
     sys.modules["__main__"].__doc__ = f"{__doc__}\nFlags:\n{FLAGS.module_help(__name__)}"
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

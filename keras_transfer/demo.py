@@ -137,23 +137,11 @@ def run_demo(
 
 def _export_pretrained(run_dir, export_dir, print_fn):
     """SavedModel + LiteRT (float, int8) of the pretrained run, with parity reports."""
-    import keras
+    from keras_transfer.export import format_parity_table
+    from keras_transfer.runs import export_run
 
-    from keras_transfer.export import export_model, format_parity_table
-    from keras_transfer.runs import MODEL_FILE, load_labels, load_run_config, load_run_splits
-
-    model = keras.saving.load_model(os.path.join(run_dir, MODEL_FILE), safe_mode=True)
-    splits = load_run_splits(load_run_config(run_dir))
     print_fn(f"\n== export: {export_dir} ==")
-    result = export_model(
-        model,
-        export_dir,
-        quantizations=EXPORT_QUANTIZATIONS,
-        labels=load_labels(run_dir),
-        representative_data=splits.train,
-        evaluation_data=splits.test,
-        verbose=False,
-    )
+    result = export_run(run_dir, export_dir, quantizations=EXPORT_QUANTIZATIONS, verbose=False)
     print_fn(format_parity_table(result["tflite"]))
     print_fn(f"SavedModel (TF Serving): {result['saved_model']}")
     print_fn("LiteRT: " + ", ".join(report.path for report in result["tflite"]))

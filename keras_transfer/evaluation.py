@@ -315,8 +315,9 @@ def format_report(report: dict) -> str:
     rows = report["per_class"]
     width = max([len("class"), len("macro avg")] + [len(str(row["class"])) for row in rows])
     header = f"{'class':<{width}}  precision  recall      f1  support"
+    split = f", {report['split']} split" if report.get("split") else ""
     lines = [
-        f"accuracy: {report['accuracy']:.4f} ({report['num_examples']} examples)",
+        f"accuracy: {report['accuracy']:.4f} ({report['num_examples']} examples{split})",
         "",
         header,
         "-" * len(header),

@@ -8,32 +8,51 @@ import keras
 import numpy as np
 
 from keras_transfer.backbones.preprocessing import ImagePreprocessing
-from keras_transfer.data.images import decode_image_bytes
+from keras_transfer.data.images import IMAGE_EXTENSIONS, decode_image_bytes
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 IMAGENET_MODELS = ("imagenet:efficientnet_lite0",)
 
 
-def image_files(paths: list[str]) -> list[str]:
-    """Expands folders (their image files, sorted) and checks files exist."""
+def _expand(paths: list[str]) -> list[tuple[str, bool]]:
+    """`(file, found_in_a_folder)` for each image file of `paths`, folders expanded."""
     files = []
     for path in paths:
         if os.path.isdir(path):
             found = sorted(
                 os.path.join(path, name)
                 for name in os.listdir(path)
-                if name.lower().endswith(IMAGE_EXTENSIONS)
+                # Hidden files ("._x.jpg" from macOS) are metadata, not images.
+                if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
             )
             if not found:
                 raise ValueError(f"No image files in folder. Received: {path!r}")
-            files.extend(found)
+            files.extend((file, True) for file in found)
         elif os.path.isfile(path):
-            files.append(path)
+            files.append((path, False))
         else:
             raise FileNotFoundError(f"Image file or folder not found. Received: {path!r}")
     if not files:
         raise ValueError("No images given. Received: images=[]")
     return files
+
+
+def image_files(paths: list[str]) -> list[str]:
+    """Expands folders (their image files, sorted) and checks files exist.
+
+    Args:
+        paths: image files or folders.
+
+    Returns:
+        The image files, folders expanded in sorted order.
+
+    Example:
+
+    >>> image_files([])
+    Traceback (most recent call last):
+    ...
+    ValueError: No images given. Received: images=[]
+    """
+    return [file for file, _ in _expand(paths)]
 
 
 def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
@@ -56,11 +75,23 @@ def load_image(path: str, size: tuple[int, int]) -> np.ndarray:
 def load_model_for_prediction(model: str) -> tuple[keras.Model, list[str] | None]:
     """Loads a run directory, a `.keras` file, or `imagenet:efficientnet_lite0`.
 
+    Args:
+        model: a run directory, a `.keras` file or one of `IMAGENET_MODELS`.
+
     Returns:
         `(model, class_names)`; class names come from the run's `labels.txt`
         (None for a bare `.keras` file without one beside it).
+
+    Raises:
+        FileNotFoundError: nothing at `model`.
+        ValueError: a broken `.keras` file or a `labels.txt` that does not
+            match the model (see `runs.load_run_model`).
+
+    Example:
+
+    >>> model, names = load_model_for_prediction("runs/flowers")  # doctest: +SKIP
     """
-    from keras_transfer.runs import MODEL_FILE, load_labels
+    from keras_transfer.runs import load_run_model
 
     if model in IMAGENET_MODELS:
         from keras_hub.utils import imagenet_id_to_name
@@ -72,16 +103,12 @@ def load_model_for_prediction(model: str) -> tuple[keras.Model, list[str] | None
         outputs = EfficientNetLite("lite0", include_top=True, weights="imagenet")(x)
         names = [imagenet_id_to_name(i) for i in range(1000)]
         return keras.Model(inputs, outputs, name="efficientnet_lite0_imagenet"), names
-    if os.path.isdir(model):
-        path, labels_dir = os.path.join(model, MODEL_FILE), model
-    else:
-        path, labels_dir = model, os.path.dirname(os.path.abspath(model))
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"No model at {path!r}: give a run directory, a .keras file or one of "
-            f"{IMAGENET_MODELS}. Received: model={model!r}"
+    if not os.path.exists(model) and not model.endswith(".keras") and ":" in model:
+        raise ValueError(
+            f"`model` must be a run directory, a .keras file or one of {IMAGENET_MODELS}. "
+            f"Received: model={model!r}"
         )
-    return keras.saving.load_model(path, safe_mode=True), load_labels(labels_dir)
+    return load_run_model(model)
 
 
 def predict_files(
@@ -96,7 +123,13 @@ def predict_files(
         top: how many labels per image.
 
     Returns:
-        One dict per file: `{"file", "labels": [(name, probability), ...]}`.
+        One dict per file, in order: `{"file", "labels": [(name, probability),
+        ...]}`. A file inside a folder that cannot be decoded is skipped, as
+        training skips it: its dict has `"labels": []` and `"error"`.
+
+    Raises:
+        ValueError: a file named in `paths` itself is not a readable image,
+            or no file could be read.
 
     Example:
     >>> import os, tempfile, numpy as np
@@ -111,13 +144,25 @@ def predict_files(
     >>> rows[0]["labels"][0][0] in ("cat", "dog")
     True
     """
-    files = image_files(paths)
-    height, width = model.input_shape[1:3]
-    batch = np.stack([load_image(path, (height, width)) for path in files])
-    probabilities = np.asarray(model.predict(batch, verbose=0))
-    rows = []
-    for path, row in zip(files, probabilities, strict=True):
-        order = np.argsort(row)[::-1][:top]
-        labels = [(class_names[i] if class_names else str(i), float(row[i])) for i in order]
-        rows.append({"file": path, "labels": labels})
+    size = tuple(model.input_shape[1:3])
+    rows, images = [], []
+    for path, in_folder in _expand(paths):
+        try:
+            images.append(load_image(path, size))
+        except ValueError as error:
+            if not in_folder:
+                raise
+            rows.append({"file": path, "labels": [], "error": str(error)})
+            continue
+        rows.append({"file": path, "labels": None})
+    if not images:
+        raise ValueError(f"None of the images could be read. Received: images={paths!r}")
+    probabilities = iter(np.asarray(model.predict(np.stack(images), verbose=0)))
+    for row in rows:
+        if row["labels"] is None:
+            scores = next(probabilities)
+            order = np.argsort(scores)[::-1][:top]
+            row["labels"] = [
+                (class_names[i] if class_names else str(i), float(scores[i])) for i in order
+            ]
     return rows

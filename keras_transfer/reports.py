@@ -132,10 +132,14 @@ def _stage_rows(history):
 
 
 def _evaluation_lines(evaluation):
+    split = f" of the {evaluation['split']} split" if evaluation.get("split") else ""
     lines = [
-        f"Accuracy: **{evaluation['accuracy']:.4f}** on {evaluation['num_examples']} examples.",
+        f"Accuracy: **{evaluation['accuracy']:.4f}** on {evaluation['num_examples']} "
+        f"examples{split}.",
         "",
     ]
+    if evaluation.get("split_note"):
+        lines += [f"_{evaluation['split_note']}_", ""]
     per_class = evaluation.get("per_class") or []
     if per_class:
         rows = [

@@ -1,15 +1,19 @@
 """A training run on disk: data -> model -> recipe -> evaluation -> run directory.
 
-`train_run` is what `keras-transfer train` and `keras-transfer demo` call. A run
+`train_run` is what `keras-transfer train` and `keras-transfer demo` call;
+`evaluate_model` and `export_run` serve `evaluate` and `export`. A run
 directory holds everything needed to look at, reuse or ship the result:
 
     config.json        the settings as run
-    model.keras        the fine-tuned model (reloads with safe_mode=True)
+    model.keras        the fine-tuned model (reloads with safe_mode=True
+                       once `keras_transfer` is imported)
     labels.txt         class names, one per line, in output order
     history.json       per-epoch metrics, with a "stage" marker
     curves.png         loss and accuracy per epoch, stages marked
-    confusion.png      confusion matrix on the test split
-    evaluation.json    accuracy, per-class metrics, latency
+    confusion.png      confusion matrix on the held-out split
+    evaluation.json    accuracy, per-class metrics, latency, and the split
+                       they were measured on ("test", or "validation" when
+                       the data was too small for a test split)
     report.md          all of the above in one page
     logs/              TensorBoard logs
 """
@@ -19,16 +23,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
+import re
 import time
+import zipfile
 
 import keras
 
+from keras_transfer import staging
 from keras_transfer.backbones.kerashub import text_preprocessor
 from keras_transfer.builders import build_image_classifier, build_text_classifier
-from keras_transfer.data import load_dataset, load_wordnet_nouns, text_dataset
+from keras_transfer.data import (
+    DatasetSplits,
+    image_folder_dataset,
+    load_dataset,
+    load_wordnet_nouns,
+    text_dataset,
+)
 from keras_transfer.evaluation import evaluate_classifier
+from keras_transfer.export import export_model, export_options
 from keras_transfer.plots import plot_confusion_matrix, plot_training_curves
 from keras_transfer.recipes import fine_tune
 from keras_transfer.reports import save_history_json, write_run_report
@@ -36,9 +48,13 @@ from keras_transfer.reports import save_history_json, write_run_report
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.json"
+EVALUATION_FILE = "evaluation.json"
 # Text runs split the labelled glosses 60/10/30 (train/validation/test).
 TEXT_VALIDATION_SPLIT = 0.1
 TEXT_TEST_SPLIT = 0.3
+# A run is built in `<parent>/.partial-<name>-<8 hex digits>` and renamed to `<name>`.
+_PARTIAL_PREFIX = ".partial-"
+_PARTIAL_SUFFIX = re.compile(r"[0-9a-f]{8}")
 
 
 @dataclasses.dataclass
@@ -60,6 +76,9 @@ class RunConfig:
         image_size: square input side.
         max_per_class: cap on training images per class (None: all).
         max_test_per_class: cap on test images per class (None: all).
+        test_split: fraction of each class held out for test where the data
+            has no official test set (None: the source's default, 0.2 for
+            folders and digits, 0.3 for text).
         unfreeze_blocks: blocks unfrozen in stage 2 (int or "all").
         augmentation: augmentation preset.
         bn_policy: BatchNorm policy when unfreezing (None: frozen).
@@ -82,6 +101,7 @@ class RunConfig:
     image_size: int = 224
     max_per_class: int | None = None
     max_test_per_class: int | None = None
+    test_split: float | None = None
     unfreeze_blocks: int | str = "all"
     augmentation: str = "none"
     bn_policy: str | None = None
@@ -92,22 +112,32 @@ class RunConfig:
     seed: int = 0
 
 
+TASKS = ("image", "text")
+TEXT_DATA = ("wordnet_nouns",)
+
+
 def load_labels(run_dir: str) -> list[str] | None:
-    """Class names saved with a run, or None when the folder has none."""
+    """Class names saved with a run, or None when the folder has none.
+
+    Args:
+        run_dir: a run directory (or the folder of a `.keras` file).
+
+    Returns:
+        The names in `labels.txt`, one per line, or None.
+
+    Example:
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = open(f"{folder}/labels.txt", "w").write("cat\\ndog\\n")
+    >>> load_labels(folder)
+    ['cat', 'dog']
+    """
     path = os.path.join(run_dir, LABELS_FILE)
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f if line.strip()]
-
-
-TASKS = ("image", "text")
-TEXT_DATA = ("wordnet_nouns",)
-
-
-def _caps(config: RunConfig) -> dict:
-    caps = {"max_per_class": config.max_per_class, "max_test_per_class": config.max_test_per_class}
-    return {key: value for key, value in caps.items() if value is not None}
 
 
 def load_run_config(run_dir: str) -> RunConfig:
@@ -143,7 +173,16 @@ def load_run_config(run_dir: str) -> RunConfig:
     return RunConfig(**settings)
 
 
-def load_run_splits(config: RunConfig):
+def _caps(config: RunConfig) -> dict:
+    caps = {
+        "max_per_class": config.max_per_class,
+        "max_test_per_class": config.max_test_per_class,
+        "test_split": config.test_split,
+    }
+    return {key: value for key, value in caps.items() if value is not None}
+
+
+def load_run_splits(config: RunConfig) -> DatasetSplits:
     """The train / validation / test splits a run was trained and tested on.
 
     Args:
@@ -174,9 +213,39 @@ def load_run_splits(config: RunConfig):
         class_names=names,
         batch_size=config.batch_size,
         validation_split=TEXT_VALIDATION_SPLIT,
-        test_split=TEXT_TEST_SPLIT,
+        test_split=TEXT_TEST_SPLIT if config.test_split is None else config.test_split,
         seed=config.seed,
     )
+
+
+def held_out_split(splits: DatasetSplits) -> tuple[str, object, str | None]:
+    """The split that figures are measured on: test, else validation, else train.
+
+    Args:
+        splits: a `DatasetSplits`.
+
+    Returns:
+        `(name, dataset, note)`: `note` says why it is not the test split
+        (None when it is).
+
+    Example:
+
+    >>> import numpy as np
+    >>> from keras_transfer.data import array_dataset
+    >>> splits = array_dataset(np.zeros((4, 8, 8), "uint8"), np.arange(4) % 2)
+    >>> held_out_split(splits)[0]
+    'validation'
+    """
+    if splits.test is not None:
+        return "test", splits.test, None
+    if splits.validation is not None:
+        return (
+            "validation",
+            splits.validation,
+            "No test split (too few examples per class to hold one out): the figures come "
+            "from the validation split, which also chose the restored weights.",
+        )
+    return "train", splits.train, "No held-out split: the figures come from the training data."
 
 
 def _build_model(config: RunConfig, num_classes: int, weights):
@@ -198,19 +267,40 @@ def _build_model(config: RunConfig, num_classes: int, weights):
     )
 
 
+def _unfinished_runs(output_dir: str) -> list[str]:
+    parent, name = os.path.split(output_dir)
+    prefix = f"{_PARTIAL_PREFIX}{name}-"
+    if not os.path.isdir(parent):
+        return []
+    return sorted(
+        os.path.join(parent, entry)
+        for entry in os.listdir(parent)
+        if entry.startswith(prefix) and _PARTIAL_SUFFIX.fullmatch(entry[len(prefix) :])
+    )
+
+
 def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
     """Trains, evaluates and writes a run directory; returns the evaluation report.
 
-    The directory is built in a temporary folder beside `output_dir` and moved
-    into place at the end, so a failed run leaves nothing half-written.
+    The directory is built in a hidden folder beside `output_dir`
+    (`.partial-<name>-<random>`) and renamed into place at the end, so a
+    failed run leaves nothing behind (parent folders it created included).
+    A run killed outright leaves its hidden folder: a new run into the same
+    `output_dir` then refuses to start and names it. The figures are measured
+    on the test split; where the data is too small to hold one out they come
+    from the validation split, and `report["split"]` and the report say so.
 
     Args:
         config: a `RunConfig`.
         verbose: Keras `fit` verbosity (progress bars with "auto" or 1).
 
     Returns:
-        The evaluation report (see `evaluate_classifier`), plus `run_dir` and
-        `train_seconds`.
+        The evaluation report (see `evaluate_classifier`), plus `split`,
+        `run_dir` and `train_seconds`.
+
+    Raises:
+        FileExistsError: `output_dir` exists, or an unfinished run of it does.
+        PermissionError: `output_dir` cannot be written.
 
     Example:
     >>> import tempfile, os, keras_transfer as kt
@@ -218,76 +308,361 @@ def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
     >>> report = kt.train_run(kt.RunConfig(
     ...     backbone="mobilenet_v3_small", data="digits", weights="none",
     ...     output_dir=out, epochs=(1, 0), image_size=32, max_per_class=5,
-    ...     max_test_per_class=2), verbose=0)
-    >>> sorted(os.listdir(out))[:4]
-    ['config.json', 'confusion.png', 'curves.png', 'evaluation.json']
+    ...     max_test_per_class=2, backbone_kwargs={"alpha": 0.75}), verbose=0)
+    >>> sorted(os.listdir(out))[:4], report["split"]
+    (['config.json', 'confusion.png', 'curves.png', 'evaluation.json'], 'test')
     """
-    if os.path.exists(config.output_dir):
+    output_dir = os.path.abspath(config.output_dir)
+    if os.path.exists(output_dir):
         raise FileExistsError(
             f"Run directory already exists; choose another --output_dir. "
             f"Received: output_dir={config.output_dir!r}"
         )
+    unfinished = _unfinished_runs(output_dir)
+    if unfinished:
+        raise FileExistsError(
+            f"An unfinished run of --output_dir={config.output_dir!r} is in {unfinished[0]!r} "
+            "(a train that was killed before it finished). Delete it, or choose another "
+            "--output_dir."
+        )
+    parent, name = os.path.split(output_dir)
+    created = staging.writable_folder(parent, "a run directory")
+    run_staging = staging.make_staging_folder(parent, f"{_PARTIAL_PREFIX}{name}-")
+    try:
+        report = _train_into(config, run_staging, verbose)
+        os.replace(run_staging, output_dir)
+    except BaseException:
+        staging.discard(run_staging, created)
+        raise
+    report.update({"run_dir": config.output_dir})
+    return report
+
+
+def _train_into(config: RunConfig, folder: str, verbose) -> dict:
     keras.utils.set_random_seed(config.seed)
     weights = None if str(config.weights).lower() in ("none", "random") else config.weights
     splits = load_run_splits(config)
-    parent = os.path.dirname(os.path.abspath(config.output_dir))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".partial-", dir=parent)
+    if splits.num_classes < 2:
+        raise ValueError(
+            f"A classifier needs at least 2 classes; {config.data!r} has "
+            f"{splits.num_classes}: {splits.class_names}. Add one subfolder per class."
+        )
+    model = _build_model(config, splits.num_classes, weights)
+    epochs = tuple(config.epochs) if isinstance(config.epochs, list) else config.epochs
+    start = time.perf_counter()
+    history = fine_tune(
+        model,
+        splits.train,
+        splits.validation,
+        recipe=config.recipe,
+        epochs=epochs,
+        learning_rate=config.learning_rate,
+        unfreeze_blocks=config.unfreeze_blocks,
+        bn_policy=config.bn_policy,
+        lr_spread=config.lr_spread,
+        patience=config.patience,
+        callbacks=[keras.callbacks.TensorBoard(os.path.join(folder, "logs"))],
+        verbose=verbose,
+    )
+    train_seconds = time.perf_counter() - start
+    split, dataset, note = held_out_split(splits)
+    evaluation = evaluate_classifier(model, dataset, splits.class_names)
+    evaluation.update({"split": split, "split_note": note})
+    model.save(os.path.join(folder, MODEL_FILE))
+    with open(os.path.join(folder, LABELS_FILE), "w", encoding="utf-8") as f:
+        f.write("\n".join(splits.class_names) + "\n")
+    settings = dataclasses.asdict(config)
+    with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)
+    with open(os.path.join(folder, EVALUATION_FILE), "w", encoding="utf-8") as f:
+        json.dump(evaluation, f, indent=2)
+    save_history_json(history.history, os.path.join(folder, "history.json"))
+    images = {
+        "Training curves": plot_training_curves(
+            history.history,
+            os.path.join(folder, "curves.png"),
+            title=f"{config.backbone} on {config.data} ({config.weights} weights)",
+        ),
+        "Confusion matrix": plot_confusion_matrix(
+            evaluation["confusion_matrix"],
+            splits.class_names,
+            os.path.join(folder, "confusion.png"),
+            title=f"Confusion matrix: {config.backbone}, {split} split",
+        ),
+    }
+    write_run_report(
+        folder,
+        config=settings,
+        history=history.history,
+        evaluation=evaluation,
+        images={k: os.path.basename(v) for k, v in images.items()},
+        title=f"Run: {config.backbone} on {config.data}",
+    )
+    evaluation["train_seconds"] = train_seconds
+    return evaluation
+
+
+def load_run_model(path: str) -> tuple[keras.Model, list[str] | None]:
+    """Loads a run directory's model (or a `.keras` file) and its class names.
+
+    Args:
+        path: a run directory or a `.keras` file (class names then come from
+            a `labels.txt` beside it, if any).
+
+    Returns:
+        `(model, class_names)`; class names are None without `labels.txt`.
+
+    Raises:
+        FileNotFoundError: no model file at `path`.
+        ValueError: the file is not a complete `.keras` archive, or
+            `labels.txt` does not name every output of the model.
+
+    Example:
+
+    >>> import tempfile, keras
+    >>> folder = tempfile.mkdtemp()
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2)])
+    >>> model.save(f"{folder}/model.keras")
+    >>> _ = open(f"{folder}/labels.txt", "w").write("no\\nyes\\n")
+    >>> load_run_model(folder)[1]
+    ['no', 'yes']
+    """
+    if os.path.isdir(path):
+        model_path, labels_dir = os.path.join(path, MODEL_FILE), path
+    else:
+        model_path, labels_dir = path, os.path.dirname(os.path.abspath(path))
+    if not os.path.isfile(model_path):
+        raise FileNotFoundError(
+            f"No model at {model_path!r}: give a run directory or a .keras file. "
+            f"Received: model={path!r}"
+        )
+    broken = (
+        f"{model_path!r} is not a complete .keras file (a .keras file is a zip archive; this "
+        "one is truncated or corrupt). Copy or train it again."
+    )
+    if not zipfile.is_zipfile(model_path):
+        raise ValueError(broken)
     try:
-        model = _build_model(config, len(splits.class_names), weights)
-        epochs = tuple(config.epochs) if isinstance(config.epochs, list) else config.epochs
-        start = time.perf_counter()
-        history = fine_tune(
+        model = keras.saving.load_model(model_path, safe_mode=True)
+    except (zipfile.BadZipFile, EOFError) as error:
+        raise ValueError(f"{broken} ({error})") from None
+    class_names = load_labels(labels_dir)
+    outputs = model.output_shape[-1] if isinstance(model.output_shape, tuple) else None
+    if class_names is not None and outputs not in (None, len(class_names)):
+        raise ValueError(
+            f"{os.path.join(labels_dir, LABELS_FILE)!r} has {len(class_names)} class names but "
+            f"the model has {outputs} outputs: give one name per output, one per line."
+        )
+    return model, class_names
+
+
+def evaluate_model(
+    model: keras.Model,
+    data: str,
+    class_names: list[str] | None = None,
+    *,
+    batch_size: int = 32,
+    seed: int = 0,
+    max_test_per_class: int | None = None,
+) -> dict:
+    """Evaluates an image classifier on a dataset or on a folder of labelled images.
+
+    A folder is evaluated whole, each subfolder labelled by its name's place
+    in `class_names` (a folder may hold any subset of the model's classes; a
+    name the model does not know is an error). A named dataset is evaluated
+    on its test split (on validation, said in `report["split"]`, when it has
+    none).
+
+    Args:
+        model: a classifier taking raw 0-255 RGB images.
+        data: a folder of class subfolders, or a `load_dataset` name.
+        class_names: the model's classes in output order (from the run's
+            `labels.txt`); None: the data's own class names.
+        batch_size: examples per batch.
+        seed: seed of the dataset's split.
+        max_test_per_class: cap on test images per class (named datasets).
+
+    Returns:
+        The `evaluate_classifier` report plus `split` and `data`.
+
+    Example:
+
+    >>> import os, tempfile, numpy as np
+    >>> from PIL import Image
+    >>> import keras_transfer as kt
+    >>> folder = tempfile.mkdtemp()
+    >>> os.makedirs(f"{folder}/dog")
+    >>> Image.fromarray(np.zeros((8, 8, 3), "uint8")).save(f"{folder}/dog/a.png")
+    >>> model = kt.build_image_classifier("mobilenet_v3_small", 2, weights=None,
+    ...                                   input_shape=(32, 32, 3), alpha=0.75)
+    >>> report = evaluate_model(model, folder, ["cat", "dog"])
+    >>> report["split"], report["per_class"][1]["support"]
+    ('all', 1)
+    """
+    size = tuple(model.input_shape[1:3])
+    if os.path.isdir(data):
+        splits = image_folder_dataset(
+            data,
+            image_size=size,
+            batch_size=batch_size,
+            validation_split=0.0,
+            shuffle=False,
+            class_names=class_names,
+        )
+        split, dataset, note = "all", splits.train, None
+    else:
+        caps = {"max_test_per_class": max_test_per_class} if max_test_per_class else {}
+        splits = load_dataset(data, image_size=size, batch_size=batch_size, seed=seed, **caps)
+        if class_names is not None and list(class_names) != splits.class_names:
+            raise ValueError(
+                f"The model's classes {class_names} are not the classes of {data!r} "
+                f"({splits.class_names}). Evaluate on data with the model's classes."
+            )
+        split, dataset, note = held_out_split(splits)
+    report = evaluate_classifier(model, dataset, class_names or splits.class_names)
+    report.update({"split": split, "split_note": note, "data": os.fspath(data)})
+    return report
+
+
+def write_evaluation(report: dict, output_dir: str) -> str:
+    """Writes a report as `<output_dir>/evaluation.json` (the folder is created).
+
+    Args:
+        report: a report from `evaluate_model` / `evaluate_classifier`.
+        output_dir: a folder; an existing `evaluation.json` in it is kept
+            (an error), so a run's own evaluation is never overwritten.
+
+    Returns:
+        The path of the file.
+
+    Raises:
+        FileExistsError: `output_dir` is a file, or already holds an
+            `evaluation.json`.
+
+    Example:
+
+    >>> import tempfile
+    >>> path = write_evaluation({"accuracy": 1.0}, f"{tempfile.mkdtemp()}/eval")
+    >>> os.path.basename(path)
+    'evaluation.json'
+    """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise FileExistsError(
+            f"--output_dir must be a folder (evaluation.json is written inside); this is a "
+            f"file. Received: output_dir={output_dir!r}"
+        )
+    path = os.path.join(output_dir, EVALUATION_FILE)
+    if os.path.exists(path):
+        raise FileExistsError(
+            f"{path!r} already exists; choose another --output_dir. Received: "
+            f"output_dir={output_dir!r}"
+        )
+    staging.writable_folder(output_dir, "an evaluation")
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
+    os.replace(partial, path)
+    return path
+
+
+def export_run(
+    run_dir: str,
+    output: str,
+    *,
+    formats=("saved_model", "tflite"),
+    quantizations=("none",),
+    data: str | DatasetSplits | None = None,
+    version: int | None = None,
+    overwrite: bool = False,
+    num_evaluation_samples: int | None = None,
+    data_options: dict | None = None,
+    verbose: bool = True,
+) -> dict:
+    """Exports a run (or a `.keras` file) with `kt.export.export_model`.
+
+    Data is loaded only where it is needed: LiteRT files are calibrated
+    (int8) on the training split and compared with the Keras model (parity)
+    on the held-out split of `data`, or of the run's own data when `data` is
+    None. A SavedModel needs no data, so a run copied without its data
+    still exports.
+
+    Args:
+        run_dir: a run directory from `train_run`, or a `.keras` file.
+        output: the model's export folder, `saved_models/<name>`.
+        formats: any of `kt.export.FORMATS`.
+        quantizations: LiteRT modes.
+        data: a `load_dataset` name or folder, or `DatasetSplits`, to use
+            instead of the run's data (needed for int8 from a bare `.keras`
+            file, or when the run's data has moved).
+        version: SavedModel version (None: the next free one).
+        overwrite: replace an existing SavedModel version.
+        num_evaluation_samples: cap on parity images (None: all).
+        data_options: `load_dataset` arguments for a `data` name or folder
+            (`batch_size`, `seed`, `max_per_class`, ...).
+        verbose: print the parity table.
+
+    Returns:
+        `export_model`'s result: `{"saved_model": path or None, "tflite": [...]}`.
+
+    Raises:
+        ValueError: LiteRT export needs data that cannot be loaded; the
+            message names the flag (`--data=`) that supplies it.
+
+    Example:
+
+    >>> import keras_transfer as kt
+    >>> result = kt.runs.export_run(  # doctest: +SKIP
+    ...     "runs/flowers", "saved_models/flowers", formats=["saved_model"])
+    >>> result["saved_model"]  # doctest: +SKIP
+    '.../saved_models/flowers/1'
+    """
+    # Bad options and an unwritable output fail at once, before any data loads.
+    formats, quantizations = export_options(formats, quantizations)
+    model, class_names = load_run_model(run_dir)
+    created = staging.writable_folder(output, "an export")
+    try:
+        splits = data if isinstance(data, DatasetSplits) else None
+        if "tflite" in formats and splits is None:
+            splits = _export_data(model, run_dir, data, quantizations, data_options or {})
+        if splits is not None and class_names is None:
+            class_names = splits.class_names
+        return export_model(
             model,
-            splits.train,
-            splits.validation,
-            recipe=config.recipe,
-            epochs=epochs,
-            learning_rate=config.learning_rate,
-            unfreeze_blocks=config.unfreeze_blocks,
-            bn_policy=config.bn_policy,
-            lr_spread=config.lr_spread,
-            patience=config.patience,
-            callbacks=[keras.callbacks.TensorBoard(os.path.join(staging, "logs"))],
+            output,
+            formats=formats,
+            quantizations=quantizations,
+            labels=class_names,
+            representative_data=None if splits is None else splits.train,
+            evaluation_data=None if splits is None else held_out_split(splits)[1],
+            version=version,
+            overwrite=overwrite,
+            num_evaluation_samples=num_evaluation_samples,
             verbose=verbose,
         )
-        train_seconds = time.perf_counter() - start
-        test = splits.test if splits.test is not None else splits.validation
-        evaluation = evaluate_classifier(model, test, splits.class_names)
-        model.save(os.path.join(staging, MODEL_FILE))
-        with open(os.path.join(staging, LABELS_FILE), "w", encoding="utf-8") as f:
-            f.write("\n".join(splits.class_names) + "\n")
-        settings = dataclasses.asdict(config)
-        with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
-            json.dump(settings, f, indent=2)
-        with open(os.path.join(staging, "evaluation.json"), "w", encoding="utf-8") as f:
-            json.dump(evaluation, f, indent=2)
-        save_history_json(history.history, os.path.join(staging, "history.json"))
-        images = {
-            "Training curves": plot_training_curves(
-                history.history,
-                os.path.join(staging, "curves.png"),
-                title=f"{config.backbone} on {config.data} ({config.weights} weights)",
-            ),
-            "Confusion matrix": plot_confusion_matrix(
-                evaluation["confusion_matrix"],
-                splits.class_names,
-                os.path.join(staging, "confusion.png"),
-                title=f"Confusion matrix: {config.backbone}, test split",
-            ),
-        }
-        images = {k: os.path.basename(v) for k, v in images.items()}
-        write_run_report(
-            staging,
-            config=settings,
-            history=history.history,
-            evaluation=evaluation,
-            images=images,
-            title=f"Run: {config.backbone} on {config.data}",
-        )
-        os.replace(staging, config.output_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.remove_empty(created)
         raise
-    evaluation.update({"run_dir": config.output_dir, "train_seconds": train_seconds})
-    return evaluation
+
+
+def _export_data(model, run_dir, data, quantizations, data_options):
+    """The splits LiteRT export calibrates and measures on, or None if there are none."""
+    if data is not None:
+        return load_dataset(data, image_size=tuple(model.input_shape[1:3]), **data_options)
+    config = None
+    if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+        config = load_run_config(run_dir)
+    if config is not None and config.task == "image":
+        try:
+            return load_run_splits(config)
+        except (FileNotFoundError, ValueError) as error:
+            raise ValueError(
+                f"LiteRT export calibrates (int8) and checks parity on the run's data, which "
+                f"cannot be loaded ({error}). Pass the data with --data=<dataset or image "
+                "folder> (data= in Python), or export with --format=saved_model only."
+            ) from None
+    if "int8" in quantizations:
+        raise ValueError(
+            "int8 needs training images to calibrate on: pass --data=<dataset or image folder> "
+            f"(data= in Python). Received: model={run_dir!r} without a run's data"
+        )
+    return None

@@ -47,3 +47,72 @@ def assert_round_trip(model, x, tmp_path, atol=1e-6):
         loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=atol, rtol=0
     )
     return loaded
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_lite0_cache(tmp_path_factory):
+    """One converted EfficientNet-Lite0 checkpoint for the whole session (subprocesses too)."""
+    if "KERAS_TRANSFER_CACHE" not in os.environ:
+        os.environ["KERAS_TRANSFER_CACHE"] = str(tmp_path_factory.mktemp("lite0_cache"))
+
+
+class CliResult:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args, cwd=None):
+    """`keras-transfer <args>` in this process: absl flags parsed and reset, output captured."""
+    import contextlib
+    import io
+
+    from absl import flags
+
+    from keras_transfer import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    flags.FLAGS.unparse_flags()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(cli.parse_flags(["keras-transfer", *map(str, args)]))
+            except SystemExit as stop:
+                code = stop.code
+    finally:
+        flags.FLAGS.unparse_flags()
+        os.chdir(previous)
+    return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def assert_user_error(result, *fragments):
+    """Exit code 2, one line on stderr, no traceback, every fragment in it."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr[-2000:]
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nobody can write to: mode 0555, and immutable when tests run as root."""
+    import shutil
+    import subprocess
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    immutable = False
+    if os.access(folder, os.W_OK):  # root ignores modes; `chattr +i` binds root too
+        chattr = shutil.which("chattr")
+        immutable = bool(chattr) and subprocess.run([chattr, "+i", folder]).returncode == 0
+        if not immutable:
+            pytest.skip("cannot make a read-only folder here (root without chattr +i)")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", folder], check=True)
+    folder.chmod(0o755)

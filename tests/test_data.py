@@ -248,9 +248,39 @@ def test_digits():
     assert np.bincount(labels).tolist() == [7] * 10
 
 
-def test_load_dataset_reads_a_folder(image_folder):
+def test_load_dataset_reads_a_folder_and_holds_out_a_test_split(image_folder):
     splits = load_dataset(str(image_folder), image_size=(8, 8), batch_size=2)
-    assert splits.class_names == ["cat", "dog"] and splits.info["counts"]["validation"] == 2
+    assert splits.class_names == ["cat", "dog"]
+    # FOLDER_TEST_SPLIT (0.2) of each class, stratified: one of cat's 5, one of dog's 6.
+    assert splits.info["counts"] == {"train": 7, "validation": 2, "test": 2}
+    test_paths = splits.info["paths"]["test"]
+    assert sorted(os.path.basename(os.path.dirname(p)) for p in test_paths) == ["cat", "dog"]
+    assert not set(test_paths) & set(
+        splits.info["paths"]["train"] + splits.info["paths"]["validation"]
+    )
+    again = load_dataset(str(image_folder), image_size=(8, 8), batch_size=2)
+    assert again.info["paths"] == splits.info["paths"]  # seeded
+    bigger = load_dataset(str(image_folder), image_size=(8, 8), test_split=0.4)
+    assert bigger.info["counts"]["test"] == 4
+    with pytest.raises(ValueError, match="official test set.*Received: test_split=0.3"):
+        load_dataset("fashion_mnist", test_split=0.3)
+
+
+def test_folder_classes_map_to_given_class_names(image_folder):
+    splits = image_folder_dataset(
+        image_folder,
+        image_size=(8, 8),
+        validation_split=0.0,
+        shuffle=False,
+        class_names=["bird", "dog", "cat"],
+    )
+    assert splits.class_names == ["bird", "dog", "cat"]
+    _, labels = _collect(splits.train)
+    by_path = dict(zip(splits.info["paths"]["train"], labels.tolist(), strict=True))
+    for path, label in by_path.items():
+        assert label == {"dog": 1, "cat": 2}[os.path.basename(os.path.dirname(path))]
+    with pytest.raises(ValueError, match=r"\['dog'\].*not classes of the model.*'cat', 'person'"):
+        image_folder_dataset(image_folder, class_names=["cat", "person"])
 
 
 def test_load_dataset_tfds_code_path():
@@ -263,8 +293,10 @@ def test_load_dataset_tfds_code_path():
 
 
 def test_load_dataset_unknown_name_suggests():
-    with pytest.raises(ValueError, match="Received: name='fashion_mnst'.*'fashion_mnist'"):
+    with pytest.raises(ValueError, match="Unknown dataset 'fashion_mnst'.*'fashion_mnist'"):
         load_dataset("fashion_mnst")
+    with pytest.raises(FileNotFoundError, match="Image folder not found: '/no/such/photos'"):
+        load_dataset("/no/such/photos")
     with pytest.raises(ValueError, match="Received: max_per_class=0"):
         load_dataset("digits", max_per_class=0)
 

@@ -148,12 +148,24 @@ def test_existing_version_needs_overwrite(model, tmp_path):
     path = export.saved_model(model, base, version=1)
     marker = os.path.join(path, "marker")
     open(marker, "w").close()
-    with pytest.raises(FileExistsError, match="Version 1 already exists"):
+    with pytest.raises(FileExistsError, match=r"Version 1 already exists.*\(--overwrite\)"):
         export.saved_model(model, base, version=1)
     assert os.path.exists(marker)
     export.saved_model(model, base, version=1, overwrite=True)
     assert not os.path.exists(marker)
     assert sorted(os.listdir(base)) == ["1"]
+
+
+def test_version_folder_gets_the_users_umask(model, tmp_path):
+    # TF Serving often runs as another user: the version must be as readable
+    # as any folder the user makes (tempfile.mkdtemp would make it 0700).
+    previous = os.umask(0o022)
+    try:
+        path = export.saved_model(model, str(tmp_path / "shared" / "m"))
+    finally:
+        os.umask(previous)
+    for folder in (path, os.path.dirname(path), os.path.join(path, "variables")):
+        assert os.stat(folder).st_mode & 0o777 == 0o755, folder
 
 
 def test_unwritable_directory(model, tmp_path):
@@ -190,7 +202,7 @@ def test_crash_mid_export_leaves_nothing(model, tmp_path, monkeypatch):
     base = tmp_path / "m"
     with pytest.raises(RuntimeError, match="simulated crash"):
         export.saved_model(model, str(base), labels=LABELS)
-    assert os.listdir(base) == []
+    assert not base.exists()  # the folder this export created is gone too
     assert not (tmp_path / "models.config").exists()
 
 

@@ -215,6 +215,9 @@ def create_backbone(
     Returns:
         `(model, spec)`; `spec` is None for a user's model.
 
+    Raises:
+        ConnectionError: named weights could not be downloaded.
+
     Example:
     >>> import keras_transfer as kt
     >>> model, spec = kt.create_backbone(
@@ -236,7 +239,18 @@ def create_backbone(
     spec = get_backbone_spec(backbone)
     shape = validate_input_shape(input_shape, spec)
     named, path = resolve_weights(weights, spec)
-    model = spec.constructor(shape, weights=named, name=BACKBONE_NAME, **kwargs)
+    try:
+        model = spec.constructor(shape, weights=named, name=BACKBONE_NAME, **kwargs)
+    except Exception as error:
+        # keras.utils.get_file raises a bare Exception("URL fetch failure on ...").
+        if named is None or "URL fetch failure" not in str(error):
+            raise
+        raise ConnectionError(
+            f"Could not download the {named!r} weights of {backbone!r} (no internet?): "
+            f"{str(error).splitlines()[0]}. Offline, use weights=None (--weights=none: random "
+            "initialisation), the path of a local weights file, or backbone "
+            "'efficientnet_lite0', whose ImageNet weights install with the package."
+        ) from None
     if path:
         model.load_weights(path)
     return model, spec

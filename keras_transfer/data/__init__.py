@@ -7,6 +7,7 @@ batches, gathered in a `DatasetSplits`.
 from keras_transfer.data.catalog import (
     DATASET_NAMES,
     FASHION_MNIST_CLASSES,
+    FOLDER_TEST_SPLIT,
     load_dataset,
 )
 from keras_transfer.data.images import (
@@ -21,6 +22,7 @@ from keras_transfer.data.text import WORDNET_NOUN_CATEGORIES, load_wordnet_nouns
 __all__ = [
     "DATASET_NAMES",
     "FASHION_MNIST_CLASSES",
+    "FOLDER_TEST_SPLIT",
     "IMAGE_EXTENSIONS",
     "WORDNET_NOUN_CATEGORIES",
     "DatasetSplits",

@@ -53,8 +53,12 @@ FASHION_MNIST_CLASSES = (
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 # scikit-learn's digits hold integers in 0..16 (`load_digits().DESCR`).
 _DIGITS_MAX_VALUE = 16
-# Digits has no official test split: hold out the usual 20%.
+# Digits and image folders have no official test split: hold out the usual 20%
+# of each class (seeded, stratified).
 DIGITS_TEST_SPLIT = 0.2
+FOLDER_TEST_SPLIT = 0.2
+# Sources with an official test set take no `test_split`.
+_OFFICIAL_TEST = ("fashion_mnist", TFDS_PREFIX)
 # Shuffle buffer for TFDS training splits, which may not fit in one buffer.
 _TFDS_SHUFFLE_BUFFER = 10_000
 
@@ -205,6 +209,7 @@ def load_dataset(
     validation_split: float = 0.1,
     seed: int = 0,
     max_per_class: int | None = None,
+    test_split: float | None = None,
     **kwargs,
 ) -> DatasetSplits:
     """Loads a labelled image dataset by name, ready for `fit`.
@@ -216,8 +221,12 @@ def load_dataset(
     - `"digits"`: scikit-learn's 1,797 8x8 digits (offline), 10 classes;
       `test_split` (default 0.2) is held out for test.
     - `"tfds:<name>"`: a TensorFlow Datasets image classification dataset
-      (downloads); `data_dir=` and `cache=` are passed on.
-    - an existing directory: `image_folder_dataset(name, ...)`.
+      (downloads); its official test split, if any; `data_dir=` and
+      `cache=` are passed on.
+    - an existing directory: `image_folder_dataset(name, ...)`, holding out
+      `test_split` (default `FOLDER_TEST_SPLIT`, 0.2) of each class for test.
+      A class too small for three splits gives up its test examples first;
+      `info["counts"]["test"]` says what is left.
 
     Grey images become RGB; images are float32 in 0..255.
 
@@ -230,6 +239,9 @@ def load_dataset(
         seed: seed of the subset, the split and the training shuffle.
         max_per_class: keep at most this many training examples per class
             (a seeded choice), for small labelled subsets; None keeps all.
+        test_split: fraction of each class held out for test, for digits
+            and folders (None: 0.2); sources with an official test set
+            (Fashion-MNIST, TFDS) take None only.
         **kwargs: passed to the loader (see above).
 
     Returns:
@@ -250,6 +262,13 @@ def load_dataset(
         "seed": seed,
     }
     path = os.fspath(name)
+    if test_split is not None:
+        if path.startswith(_OFFICIAL_TEST):
+            raise ValueError(
+                f"{path!r} has an official test set; `test_split` applies to digits and "
+                f"image folders only. Received: test_split={test_split!r}"
+            )
+        kwargs["test_split"] = test_split
     if path in _LOADERS:
         return _LOADERS[path](max_per_class=max_per_class, **common, **kwargs)
     if path.startswith(TFDS_PREFIX) or os.path.isdir(path):
@@ -259,9 +278,12 @@ def load_dataset(
                 f"folders. Received: max_per_class={max_per_class}, image_size={image_size}"
             )
         if os.path.isdir(path):
+            kwargs.setdefault("test_split", FOLDER_TEST_SPLIT)
             return image_folder_dataset(path, **common, **kwargs)
         return _load_tfds(path[len(TFDS_PREFIX) :], **common, **kwargs)
+    if os.sep in path or path.startswith("."):
+        raise FileNotFoundError(f"Image folder not found: {path!r}.")
     raise ValueError(
-        f"`name` must be one of {DATASET_NAMES}, '{TFDS_PREFIX}<name>' or an existing "
-        f"directory. Received: name={path!r}.{suggest(path, DATASET_NAMES)}"
+        f"Unknown dataset {path!r}: give one of {DATASET_NAMES}, '{TFDS_PREFIX}<name>' or an "
+        f"existing image folder.{suggest(path, DATASET_NAMES)}"
     )

@@ -249,6 +249,7 @@ def image_folder_dataset(
     on_error: str = "skip",
     shuffle: bool = True,
     cache: bool | str | os.PathLike = True,
+    class_names: Sequence[str] | None = None,
 ) -> DatasetSplits:
     """Builds train / validation / test datasets from a folder of class folders.
 
@@ -272,14 +273,20 @@ def image_folder_dataset(
         shuffle: shuffle the training split every epoch.
         cache: True caches decoded images in memory, a path caches them in
             files `<path>.<split>`, False does not cache.
+        class_names: the classes of a model to evaluate, in its output
+            order: each subfolder is labelled by its name's index in this
+            list, so a folder may hold any subset of them in any order; a
+            subfolder that is not one of them is an error. None: the sorted
+            subfolder names are the classes.
 
     Returns:
         A `DatasetSplits`; `info["paths"]` maps each split to its files.
 
     Raises:
         FileNotFoundError: `directory` does not exist.
-        ValueError: no class folders, a class without readable images, or
-            unreadable files with `on_error="raise"`.
+        ValueError: no class folders, a class without readable images, a
+            class folder not in `class_names`, or unreadable files with
+            `on_error="raise"`.
 
     Example:
     >>> from keras_transfer.data import image_folder_dataset
@@ -300,7 +307,8 @@ def image_folder_dataset(
         )
     classes, files = _list_images(directory)
     paths = [path for found in files for path in found]
-    labels = np.repeat(np.arange(len(classes)), [len(found) for found in files])
+    class_ids = _class_ids(classes, class_names, directory)
+    labels = np.repeat(class_ids, [len(found) for found in files])
     progress = (
         keras.utils.Progbar(len(paths), unit_name="file")
         if len(paths) >= _PROGRESS_MIN_FILES
@@ -330,9 +338,9 @@ def image_folder_dataset(
         )
         keep = np.array([r is None for r in reasons])
         paths, labels = [p for p, k in zip(paths, keep, strict=True) if k], labels[keep]
-        empty = sorted(set(range(len(classes))) - set(labels.tolist()))
+        empty = [name for name, i in zip(classes, class_ids, strict=True) if i not in labels]
         if empty:
-            raise ValueError(f"class folder '{classes[empty[0]]}' has no readable images")
+            raise ValueError(f"class folder '{empty[0]}' has no readable images")
     paths = np.array(paths)
     datasets, info = {}, {"source": directory, "counts": {}, "skipped": skipped, "paths": {}}
     for split, rows in zip(
@@ -354,4 +362,19 @@ def image_folder_dataset(
             transform=to_float,
             cache=cache if isinstance(cache, bool) else f"{os.fspath(cache)}.{split}",
         )
-    return DatasetSplits(**datasets, class_names=classes, info=info)
+    names = classes if class_names is None else [str(name) for name in class_names]
+    return DatasetSplits(**datasets, class_names=names, info=info)
+
+
+def _class_ids(classes, class_names, directory):
+    """The label of each class folder: its index in `class_names` (or in `classes`)."""
+    if class_names is None:
+        return np.arange(len(classes))
+    known = {str(name): i for i, name in enumerate(class_names)}
+    unknown = [name for name in classes if name not in known]
+    if unknown:
+        raise ValueError(
+            f"Class folder(s) {unknown} in '{directory}' are not classes of the model. "
+            f"Allowed: {list(known)}. Rename or remove them."
+        )
+    return np.array([known[name] for name in classes])

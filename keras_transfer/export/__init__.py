@@ -3,7 +3,7 @@
 Both take a plain `keras.Model` and write files; see `saved_model` and `tflite`.
 """
 
-from keras_transfer.export.bundle import FORMATS, export_model
+from keras_transfer.export.bundle import FORMATS, export_model, export_options
 from keras_transfer.export.saved_model import next_version, saved_model, write_models_config
 from keras_transfer.export.signatures import (
     BYTES_INPUT,
@@ -38,6 +38,7 @@ __all__ = [
     "SERVING_BYTES",
     "SERVING_DEFAULT",
     "export_model",
+    "export_options",
     "float32_model",
     "float_ops",
     "format_parity_table",

@@ -19,6 +19,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_transfer import staging as staging_lib
 from keras_transfer.export import saved_model as saved_model_lib
 from keras_transfer.export import tflite as tflite_lib
 
@@ -34,6 +35,32 @@ def _choices(name, values, allowed):
     return list(dict.fromkeys(values))
 
 
+def export_options(
+    formats: Sequence[str], quantizations: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """Checks export formats and LiteRT modes; returns them as lists without repeats.
+
+    Args:
+        formats: any of `FORMATS` (a string is one format).
+        quantizations: any of `tflite.QUANTIZATIONS`.
+
+    Returns:
+        `(formats, quantizations)`.
+
+    Raises:
+        ValueError: an empty list or an unknown name.
+
+    Example:
+
+    >>> export_options("tflite", ["none", "int8", "none"])
+    (['tflite'], ['none', 'int8'])
+    """
+    return (
+        _choices("formats", formats, FORMATS),
+        _choices("quantizations", quantizations, tflite_lib.QUANTIZATIONS),
+    )
+
+
 def export_model(
     model: keras.Model,
     output: str,
@@ -45,6 +72,7 @@ def export_model(
     evaluation_data: tf.data.Dataset | tuple | np.ndarray | None = None,
     version: int | None = None,
     overwrite: bool = False,
+    num_evaluation_samples: int | None = None,
     verbose: bool = True,
 ) -> dict:
     """Exports a model as a SavedModel and/or LiteRT files in one folder.
@@ -59,6 +87,8 @@ def export_model(
         evaluation_data: held-out `(images, labels)` for the parity reports.
         version: SavedModel version (None: the next free one).
         overwrite: replace an existing SavedModel version.
+        num_evaluation_samples: compare at most this many evaluation images
+            (None: all of them).
         verbose: print the parity table.
 
     Returns:
@@ -74,8 +104,7 @@ def export_model(
     >>> os.path.basename(out["saved_model"]), out["tflite"][0].quantization
     ('1', 'none')
     """
-    formats = _choices("formats", formats, FORMATS)
-    quantizations = _choices("quantizations", quantizations, tflite_lib.QUANTIZATIONS)
+    formats, quantizations = export_options(formats, quantizations)
     if "tflite" in formats and "int8" in quantizations and representative_data is None:
         raise ValueError(
             "int8 needs `representative_data` (training images). Received: representative_data=None"
@@ -88,18 +117,23 @@ def export_model(
     if "tflite" in formats:
         name = os.path.basename(os.path.abspath(output))
         folder = os.path.join(output, LITERT_FOLDER)
-        os.makedirs(folder, exist_ok=True)
-        for quantization in quantizations:
-            report = tflite_lib.tflite(
-                model,
-                os.path.join(folder, f"{name}_{quantization}.tflite"),
-                quantization,
-                representative_data=representative_data,
-                evaluation_data=evaluation_data,
-                labels=labels,
-                verbose=False,
-            )
-            result["tflite"].append(report)
+        created = staging_lib.writable_folder(folder, "LiteRT files")
+        try:
+            for quantization in quantizations:
+                report = tflite_lib.tflite(
+                    model,
+                    os.path.join(folder, f"{name}_{quantization}.tflite"),
+                    quantization,
+                    representative_data=representative_data,
+                    evaluation_data=evaluation_data,
+                    labels=labels,
+                    num_evaluation_samples=num_evaluation_samples,
+                    verbose=False,
+                )
+                result["tflite"].append(report)
+        except BaseException:
+            staging_lib.remove_empty(created)
+            raise
         with open(os.path.join(folder, "parity.json"), "w", encoding="utf-8") as f:
             json.dump([r.to_dict() for r in result["tflite"]], f, indent=2)
         if verbose:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 
+from keras_transfer import staging as staging_lib
 from keras_transfer.export import signatures
 
 MODELS_CONFIG = "models.config"
@@ -75,18 +76,6 @@ def _validate(model, export_dir, version, top_k):
         )
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"`top_k` must be an integer >= 1. Received: top_k={top_k!r}")
-
-
-def _make_dir(path: str) -> None:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=path)
-        os.rmdir(probe)
-    except OSError as error:
-        raise PermissionError(
-            f"Cannot write an export under {path!r}: {error.strerror or error}. "
-            "Choose a folder you can write to."
-        ) from None
 
 
 def saved_model(
@@ -150,18 +139,18 @@ def saved_model(
     _validate(model, export_dir, version, top_k)
     labels = signatures.validate_labels(model, labels)
     base = os.path.abspath(os.fspath(export_dir))
-    _make_dir(base)
     if version is None:
         version = next_version(base)
     target = os.path.join(base, str(version))
     if os.path.exists(target) and not overwrite:
         raise FileExistsError(
-            f"Version {version} already exists at {target!r}. Pass overwrite=True to replace "
-            "it, or version=None for the next free version."
+            f"Version {version} already exists at {target!r}. Pass overwrite=True "
+            "(--overwrite) to replace it, or version=None (no --version) for the next free one."
         )
     warmup = _warmup_requests(model, os.path.basename(base), warmup_data)
 
-    staging = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{version}-", dir=base)
+    created = staging_lib.writable_folder(base, "an export")
+    staging = staging_lib.make_staging_folder(base, f"{_STAGING_PREFIX}{version}-")
     try:
         with tempfile.TemporaryDirectory() as scratch:
             labels_file = signatures.staging_labels(labels, scratch)
@@ -172,7 +161,7 @@ def saved_model(
             _write_warmup(warmup, os.path.join(staging, WARMUP_FILE))
         _move_into_place(staging, target)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging_lib.discard(staging, created)
         raise
     if models_config:
         write_models_config(os.path.dirname(base), serving_base_path=serving_base_path)
@@ -183,7 +172,7 @@ def _move_into_place(staging: str, target: str) -> None:
     if not os.path.exists(target):
         os.rename(staging, target)
         return
-    old = tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}old-", dir=os.path.dirname(target))
+    old = staging_lib.make_staging_folder(os.path.dirname(target), f"{_STAGING_PREFIX}old-")
     os.rename(target, os.path.join(old, "version"))
     os.rename(staging, target)
     shutil.rmtree(old, ignore_errors=True)

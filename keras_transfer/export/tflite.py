@@ -22,6 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_transfer import staging as staging_lib
 from keras_transfer.export import signatures
 
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
@@ -311,6 +312,7 @@ def tflite(
     labels: Sequence[str] | None = None,
     io_type: str = "float32",
     num_calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
+    num_evaluation_samples: int | None = None,
     allow_float_ops: bool = False,
     verbose: bool = True,
 ) -> ParityReport:
@@ -339,6 +341,9 @@ def tflite(
         io_type: input/output dtype: "float32", or "uint8"/"int8" (int8 only).
         num_calibration_samples: calibration images taken from
             `representative_data`.
+        num_evaluation_samples: compare at most this many images of
+            `evaluation_data` (None: all). Each runs through the interpreter
+            one by one, so a cap keeps big test sets quick.
         allow_float_ops: int8 only: accept a file where some ops stayed in
             float (listed in `report.float_ops`) instead of failing.
         verbose: print the parity table.
@@ -379,16 +384,22 @@ def tflite(
             "quantization='int8' needs `representative_data`: about 100 training images "
             "to calibrate activation ranges. Received: representative_data=None"
         )
-    if isinstance(num_calibration_samples, bool) or num_calibration_samples < 1:
-        raise ValueError(
-            "`num_calibration_samples` must be >= 1. "
-            f"Received: num_calibration_samples={num_calibration_samples!r}"
-        )
+    for name, value, optional in (
+        ("num_calibration_samples", num_calibration_samples, False),
+        ("num_evaluation_samples", num_evaluation_samples, True),
+    ):
+        if (value is None and optional) or (
+            not isinstance(value, bool) and isinstance(value, int) and value >= 1
+        ):
+            continue
+        allowed = "None or an integer >= 1" if optional else "an integer >= 1"
+        raise ValueError(f"`{name}` must be {allowed}. Received: {name}={value!r}")
     labels = signatures.validate_labels(model, labels)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"The folder for the .tflite file does not exist: {folder!r}")
+    staging_lib.writable_folder(folder, "a .tflite file")
     representative = None
     if quantization == "int8":
         representative, _ = _as_arrays(representative_data, num_calibration_samples)
@@ -424,7 +435,7 @@ def tflite(
         signatures.write_labels(labels, f"{stem}.labels.txt")
     report.size_bytes = os.path.getsize(path)
 
-    images, truth = _as_arrays(evaluation_data)
+    images, truth = _as_arrays(evaluation_data, num_evaluation_samples)
     if images is None and representative is not None:
         images = representative
     _measure(report, model, path, images, truth)
