@@ -78,8 +78,19 @@ def test_one_backbone_per_family(name):
     check_backbone(name)
 
 
+# Built, never compiled or trained (a few seconds each); `-m "not extra_large"` skips them.
+EXTRA_LARGE = ("convnext_xlarge", "efficientnet_b7", "efficientnet_v2_l", "nasnet_large")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [n for n in [*kt.list_backbones()] if n not in ONE_PER_FAMILY])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.extra_large) if n in EXTRA_LARGE else n
+        for n in kt.list_backbones()
+        if n not in ONE_PER_FAMILY
+    ],
+)
 def test_every_other_backbone(name):
     check_backbone(name)
 

@@ -274,6 +274,8 @@ def test_existing_version_and_bad_quantization_name_the_flag(trained, tmp_path):
     assert_user_error(bad, "int9")
 
 
+# keras.applications' own notice for ImageNet weights at a non-224 size.
+@pytest.mark.filterwarnings("ignore:`input_shape` is undefined or non-square:UserWarning")
 def test_imagenet_weights_offline_is_a_clear_error(monkeypatch, tmp_path):
     import urllib.error
 
