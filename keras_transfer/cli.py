@@ -18,6 +18,7 @@ Usage:
       (or --data for a bare .keras file).
 
 Flags may also come from a file: --flagfile=train.flags
+Logs: -v 1 shows TensorFlow's Python logs; TF_CPP_MIN_LOG_LEVEL=0 its C++ start-up lines.
 """
 
 from __future__ import annotations
@@ -223,7 +224,9 @@ def main(argv):
         return 2
     import tensorflow as tf
 
-    tf.get_logger().setLevel("ERROR")  # retracing notices are not for users
+    # TensorFlow's Python chatter (retracing, converter notices) follows absl's
+    # --verbosity: shown from -v 1 (debug) on, errors only by default.
+    tf.get_logger().setLevel("DEBUG" if FLAGS.verbosity >= 1 else "ERROR")
     try:
         commands_to_run = {
             "train": _train,

@@ -89,7 +89,15 @@ def load_model_for_prediction(model: str) -> tuple[keras.Model, list[str] | None
 
     Example:
 
-    >>> model, names = load_model_for_prediction("runs/flowers")  # doctest: +SKIP
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> inputs = keras.Input((8, 8, 3), name="image")
+    >>> outputs = keras.layers.Dense(2, activation="softmax")(
+    ...     keras.layers.GlobalAveragePooling2D()(inputs))
+    >>> keras.Model(inputs, outputs).save(f"{folder}/model.keras")
+    >>> model, names = load_model_for_prediction(folder)
+    >>> model.output_shape, names
+    ((None, 2), None)
     """
     from keras_transfer.runs import load_run_model
 

@@ -84,8 +84,16 @@ def model():
     return model
 
 
-def test_signatures_have_meaningful_names(model, tmp_path):
-    path = export.saved_model(model, str(tmp_path / "flowers"), labels=LABELS)
+@pytest.fixture(scope="module")
+def exported(model, tmp_path_factory):
+    """One SavedModel with labels, shared by the tests that only read it."""
+    return export.saved_model(
+        model, str(tmp_path_factory.mktemp("export") / "flowers"), labels=LABELS
+    )
+
+
+def test_signatures_have_meaningful_names(exported, tmp_path):
+    path = exported
     result = saved_model_cli("show", "--all", "--dir", path, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     shown = result.stdout
@@ -229,8 +237,8 @@ def test_warmup_records(model, tmp_path):
     np.testing.assert_array_equal(tf.make_ndarray(request.inputs["image"]), images[1:2])
 
 
-def test_corrupt_bytes_is_a_request_error(model, tmp_path):
-    path = export.saved_model(model, str(tmp_path / "m"), labels=LABELS)
+def test_corrupt_bytes_is_a_request_error(model, exported, tmp_path):
+    path = exported
     served = tf.saved_model.load(path).signatures["serving_bytes"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="Unknown image file format"):
         served(image_bytes=tf.constant([b"definitely not an image"]))
@@ -242,8 +250,8 @@ def test_corrupt_bytes_is_a_request_error(model, tmp_path):
     assert good["probabilities"].shape == (1, 3)
 
 
-def test_classify_signature(model, tmp_path):
-    path = export.saved_model(model, str(tmp_path / "m"), labels=LABELS)
+def test_classify_signature(model, exported, tmp_path):
+    path = exported
     classify = tf.saved_model.load(path).signatures["classify"]
     data = jpeg_bytes()
     feature = tf.train.Feature(bytes_list=tf.train.BytesList(value=[data]))
@@ -273,9 +281,9 @@ def test_mixed_precision_exports_float32(policy, tmp_path):
     assert details["image"]["dtype"] == np.float32
 
 
-def test_saved_model_parity_in_clean_process(model, tmp_path):
+def test_saved_model_parity_in_clean_process(model, exported, tmp_path):
     """The TF C++ loader (as TF Serving uses) on a real JPEG matches the Keras model."""
-    path = export.saved_model(model, str(tmp_path / "m"), labels=LABELS)
+    path = exported
     data = [jpeg_bytes(seed=1), jpeg_bytes((64, 20), seed=2)]
     result, out = run_bytes_signature(path, data, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -23,12 +23,26 @@ def model():
     return model
 
 
-def test_float_export_with_augmentation_and_dropout(model, tmp_path):
-    """keras-team/keras#19108: augmentation layers convert; the file is in inference mode."""
-    x = image_batch(16)
-    y = np.arange(16) % 3
-    path = str(tmp_path / "m.tflite")
+@pytest.fixture(scope="module")
+def source(model, tmp_path_factory):
+    """One conversion source for the module's files (as `export_model` shares one)."""
+    return export.write_conversion_source(model, str(tmp_path_factory.mktemp("source") / "sm"))
+
+
+@pytest.fixture(scope="module")
+def float_file(model, tmp_path_factory):
+    """The float file, converted once without `source_dir` (the default path)."""
+    folder = tmp_path_factory.mktemp("float")
+    x, y = image_batch(16), np.arange(16) % 3
+    path = str(folder / "m.tflite")
     report = export.tflite(model, path, evaluation_data=(x, y), labels=LABELS, verbose=False)
+    return folder, path, report
+
+
+def test_float_export_with_augmentation_and_dropout(float_file):
+    """keras-team/keras#19108: augmentation layers convert; the file is in inference mode."""
+    tmp_path, path, report = float_file
+    x = image_batch(16)
     assert report.num_examples == 16
     assert report.top1_agreement == 1.0
     assert report.max_abs_diff <= 1e-5
@@ -47,18 +61,23 @@ def test_float_export_with_augmentation_and_dropout(model, tmp_path):
 
 
 @pytest.mark.parametrize("quantization", ["dynamic", "float16"])
-def test_weight_quantization_shrinks_the_file(model, tmp_path, quantization):
+def test_weight_quantization_shrinks_the_file(model, source, float_file, tmp_path, quantization):
     x = image_batch(8)
-    float_report = export.tflite(model, str(tmp_path / "f.tflite"), verbose=False)
+    float_report = float_file[2]
     report = export.tflite(
-        model, str(tmp_path / "q.tflite"), quantization, evaluation_data=x, verbose=False
+        model,
+        str(tmp_path / "q.tflite"),
+        quantization,
+        evaluation_data=x,
+        source_dir=source,
+        verbose=False,
     )
     assert report.size_bytes < 0.75 * float_report.size_bytes
     assert report.num_examples == 8 and report.max_abs_diff < 0.5
 
 
 @pytest.mark.parametrize("io_type", ["float32", "uint8", "int8"])
-def test_int8_io_types(model, tmp_path, io_type):
+def test_int8_io_types(model, source, tmp_path, io_type):
     x = image_batch(16)
     path = str(tmp_path / f"{io_type}.tflite")
     report = export.tflite(
@@ -68,6 +87,7 @@ def test_int8_io_types(model, tmp_path, io_type):
         representative_data=x,
         evaluation_data=x,
         io_type=io_type,
+        source_dir=source,
         verbose=False,
     )
     assert report.float_ops == []

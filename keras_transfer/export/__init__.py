@@ -23,6 +23,7 @@ from keras_transfer.export.tflite import (
     format_parity_table,
     read_tflite_labels,
     tflite,
+    write_conversion_source,
 )
 
 __all__ = [
@@ -46,5 +47,6 @@ __all__ = [
     "read_tflite_labels",
     "saved_model",
     "tflite",
+    "write_conversion_source",
     "write_models_config",
 ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Sequence
 
 import keras
@@ -119,18 +120,22 @@ def export_model(
         folder = os.path.join(output, LITERT_FOLDER)
         created = staging_lib.writable_folder(folder, "LiteRT files")
         try:
-            for quantization in quantizations:
-                report = tflite_lib.tflite(
-                    model,
-                    os.path.join(folder, f"{name}_{quantization}.tflite"),
-                    quantization,
-                    representative_data=representative_data,
-                    evaluation_data=evaluation_data,
-                    labels=labels,
-                    num_evaluation_samples=num_evaluation_samples,
-                    verbose=False,
-                )
-                result["tflite"].append(report)
+            with tempfile.TemporaryDirectory() as scratch:
+                # One float32 SavedModel serves every quantisation mode.
+                source = tflite_lib.write_conversion_source(model, scratch)
+                for quantization in quantizations:
+                    report = tflite_lib.tflite(
+                        model,
+                        os.path.join(folder, f"{name}_{quantization}.tflite"),
+                        quantization,
+                        representative_data=representative_data,
+                        evaluation_data=evaluation_data,
+                        labels=labels,
+                        num_evaluation_samples=num_evaluation_samples,
+                        source_dir=source,
+                        verbose=False,
+                    )
+                    result["tflite"].append(report)
         except BaseException:
             staging_lib.remove_empty(created)
             raise

@@ -10,6 +10,7 @@ beside the file and as a `keras_transfer.labels` metadata entry inside it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -314,6 +315,7 @@ def tflite(
     num_calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
     num_evaluation_samples: int | None = None,
     allow_float_ops: bool = False,
+    source_dir: str | None = None,
     verbose: bool = True,
 ) -> ParityReport:
     """Converts an image model to a LiteRT (`.tflite`) file and reports parity.
@@ -346,6 +348,9 @@ def tflite(
             one by one, so a cap keeps big test sets quick.
         allow_float_ops: int8 only: accept a file where some ops stayed in
             float (listed in `report.float_ops`) instead of failing.
+        source_dir: a folder written by `write_conversion_source(model,
+            ...)` to convert from; None writes one in a temporary folder.
+            Several files of one model share it (`export_model` does).
         verbose: print the parity table.
 
     Returns:
@@ -404,10 +409,11 @@ def tflite(
     if quantization == "int8":
         representative, _ = _as_arrays(representative_data, num_calibration_samples)
 
-    with tempfile.TemporaryDirectory() as scratch:
-        archive = signatures.serving_archive(float32_model(model), bytes_signature=False)
-        archive.write_out(scratch, verbose=False)
-        converter = _converter(scratch, quantization, representative, io_type)
+    with contextlib.ExitStack() as stack:
+        if source_dir is None:
+            source_dir = stack.enter_context(tempfile.TemporaryDirectory())
+            write_conversion_source(model, source_dir)
+        converter = _converter(source_dir, quantization, representative, io_type)
         try:
             flatbuffer = converter.convert()
         except Exception as error:  # the converter raises ConverterError and others
@@ -443,6 +449,34 @@ def tflite(
     if verbose:
         print(format_parity_table([report]))
     return report
+
+
+def write_conversion_source(model: keras.Model, folder: str) -> str:
+    """Writes the SavedModel that LiteRT files of `model` are converted from.
+
+    It holds the `serving_default` signature only (input `image`, output
+    `probabilities`), with float32 compute (see `float32_model`).
+
+    Args:
+        model: a built Keras image model.
+        folder: an empty or missing folder.
+
+    Returns:
+        `folder`.
+
+    Example:
+
+    >>> import tempfile, keras
+    >>> inputs = keras.Input((8, 8, 3), name="image")
+    >>> x = keras.layers.GlobalAveragePooling2D()(inputs)
+    >>> model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(x))
+    >>> source = write_conversion_source(model, f"{tempfile.mkdtemp()}/source")
+    >>> os.path.isfile(f"{source}/saved_model.pb")
+    True
+    """
+    archive = signatures.serving_archive(float32_model(model), bytes_signature=False)
+    archive.write_out(folder, verbose=False)
+    return folder
 
 
 def _float32_policy(config):
