@@ -50,7 +50,18 @@ from keras_transfer.optimizers import (
     warmup_cosine,
 )
 from keras_transfer.plots import plot_confusion_matrix, plot_training_curves
-from keras_transfer.recipes import RECIPES, fine_tune
+from keras_transfer.recipes import (
+    RECIPES,
+    Recipe,
+    RecipeSettings,
+    Stage,
+    fine_tune,
+    fit_stage,
+    get_recipe,
+    list_recipes,
+    plan_recipe,
+    register_recipe,
+)
 from keras_transfer.reports import save_history_json, write_run_report
 from keras_transfer.runs import RunConfig, train_run
 
@@ -68,8 +79,11 @@ __all__ = [
     "LayerwiseLearningRateMixin",
     "OneCycle",
     "ProgressiveUnfreezing",
+    "Recipe",
+    "RecipeSettings",
     "RunConfig",
     "SparseCategoricalCrossentropyWithSmoothing",
+    "Stage",
     "backbone_blocks",
     "build_feature_extractor",
     "build_image_classifier",
@@ -82,19 +96,24 @@ __all__ = [
     "evaluate_classifier",
     "export",
     "fine_tune",
+    "fit_stage",
     "format_report",
     "freeze_backbone",
     "get_backbone",
     "get_backbone_spec",
+    "get_recipe",
     "layerwise_optimizer",
     "list_backbones",
+    "list_recipes",
     "lr_find",
     "make_augmentation",
     "make_head",
     "plot_confusion_matrix",
+    "plan_recipe",
     "plot_training_curves",
     "prepare_for_unfreezing",
     "register_backbone",
+    "register_recipe",
     "runs",
     "save_history_json",
     "serving",

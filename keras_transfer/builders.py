@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from keras_transfer.backbones import ImagePreprocessing, create_backbone
@@ -22,6 +25,60 @@ _ROTATION = 0.05
 _ZOOM = 0.1
 _CONTRAST = 0.1
 INPUT_NAME = "image"
+# Keras dtype policies a builder may build under (None: the current one).
+MIXED_PRECISION = (None, "mixed_float16", "mixed_bfloat16")
+
+
+@contextlib.contextmanager
+def build_scope(
+    strategy: tf.distribute.Strategy | None = None, mixed_precision: str | None = None
+) -> Iterator[None]:
+    """Builds what is inside under a strategy's scope and a mixed-precision policy.
+
+    Variables made inside belong to `strategy` (so `fit` runs distributed),
+    and layers compute in `mixed_precision` (the Keras dtype policy must be
+    in force when layers are built); the previous policy is restored after.
+    Heads still compute in float32. `"mixed_float16"` on a machine without a
+    GPU is allowed but warns: it is slower there than float32.
+
+    Args:
+        strategy: a `tf.distribute.Strategy`, or None (the current one).
+        mixed_precision: one of `MIXED_PRECISION`.
+
+    Yields:
+        None.
+
+    Example:
+
+    >>> with build_scope(mixed_precision="mixed_bfloat16"):
+    ...     layer = keras.layers.Dense(2)
+    >>> layer.compute_dtype, keras.config.dtype_policy().name
+    ('bfloat16', 'float32')
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(
+            f"`mixed_precision` must be one of {MIXED_PRECISION}. "
+            f"Received: mixed_precision={mixed_precision!r}"
+        )
+    if strategy is not None and not isinstance(strategy, tf.distribute.Strategy):
+        raise TypeError(
+            f"`strategy` must be a tf.distribute.Strategy. Received: {type(strategy).__name__}"
+        )
+    if mixed_precision == "mixed_float16" and not tf.config.list_physical_devices("GPU"):
+        warnings.warn(
+            "mixed_float16 without a GPU computes slower than float32 (CPUs have no fast "
+            "float16 math); use it on GPUs, or mixed_bfloat16 on recent CPUs and TPUs.",
+            stacklevel=3,
+        )
+    previous = keras.config.dtype_policy()
+    scope = strategy.scope() if strategy is not None else contextlib.nullcontext()
+    try:
+        if mixed_precision is not None:
+            keras.config.set_dtype_policy(mixed_precision)
+        with scope:
+            yield
+    finally:
+        keras.config.set_dtype_policy(previous)
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
@@ -163,6 +220,8 @@ def build_image_classifier(
     freeze_backbone: bool = True,
     preprocessing: str | None = None,
     name: str | None = None,
+    strategy: tf.distribute.Strategy | None = None,
+    mixed_precision: str | None = None,
     **backbone_kwargs,
 ) -> keras.Model:
     """Builds a functional image classifier (or regressor) on a backbone.
@@ -192,6 +251,10 @@ def build_image_classifier(
         preprocessing: override the spec's preprocessing mode (required for a
             custom backbone that expects scaled input; default `"none"`).
         name: model name; defaults to `"<backbone>_classifier"`.
+        strategy: a `tf.distribute.Strategy` to build (and later train) the
+            model under; None: the current one.
+        mixed_precision: `"mixed_float16"`, `"mixed_bfloat16"` or None (see
+            `build_scope`); the head outputs float32 either way.
         **backbone_kwargs: passed to the backbone constructor (e.g.
             `alpha=0.75`, `minimalistic=True`).
 
@@ -209,23 +272,24 @@ def build_image_classifier(
     validate_head(head, num_classes)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
-    inputs, x, base, spec = _features(
-        backbone,
-        weights=weights,
-        input_shape=input_shape,
-        pooling=pooling,
-        augmentation=augmentation,
-        bn_policy=bn_policy,
-        preprocessing=preprocessing,
-        backbone_kwargs=backbone_kwargs,
-    )
-    if dropout:
-        x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = make_head(head, num_classes, name=HEAD_NAME)(x)
-    base.trainable = not freeze_backbone
-    if name is None:
-        name = f"{spec.name if spec else 'custom'}_classifier"
-    return keras.Model(inputs, outputs, name=name)
+    with build_scope(strategy, mixed_precision):
+        inputs, x, base, spec = _features(
+            backbone,
+            weights=weights,
+            input_shape=input_shape,
+            pooling=pooling,
+            augmentation=augmentation,
+            bn_policy=bn_policy,
+            preprocessing=preprocessing,
+            backbone_kwargs=backbone_kwargs,
+        )
+        if dropout:
+            x = keras.layers.Dropout(dropout, name="dropout")(x)
+        outputs = make_head(head, num_classes, name=HEAD_NAME)(x)
+        base.trainable = not freeze_backbone
+        if name is None:
+            name = f"{spec.name if spec else 'custom'}_classifier"
+        return keras.Model(inputs, outputs, name=name)
 
 
 def build_feature_extractor(
@@ -236,6 +300,8 @@ def build_feature_extractor(
     pooling: str = "avg",
     preprocessing: str | None = None,
     name: str = "feature_extractor",
+    strategy: tf.distribute.Strategy | None = None,
+    mixed_precision: str | None = None,
     **backbone_kwargs,
 ) -> keras.Model:
     """Builds a frozen model that maps raw images to pooled feature vectors.
@@ -247,6 +313,8 @@ def build_feature_extractor(
         pooling: `"avg"` or `"max"`.
         preprocessing: override the spec's preprocessing mode.
         name: model name.
+        strategy: see `build_image_classifier`.
+        mixed_precision: see `build_image_classifier`.
         **backbone_kwargs: passed to the backbone constructor.
 
     Returns:
@@ -259,18 +327,19 @@ def build_feature_extractor(
     >>> extractor.output_shape
     (None, 2048)
     """
-    inputs, x, base, _ = _features(
-        backbone,
-        weights=weights,
-        input_shape=input_shape,
-        pooling=pooling,
-        augmentation=None,
-        bn_policy="frozen",
-        preprocessing=preprocessing,
-        backbone_kwargs=backbone_kwargs,
-    )
-    base.trainable = False
-    return keras.Model(inputs, x, name=name)
+    with build_scope(strategy, mixed_precision):
+        inputs, x, base, _ = _features(
+            backbone,
+            weights=weights,
+            input_shape=input_shape,
+            pooling=pooling,
+            augmentation=None,
+            bn_policy="frozen",
+            preprocessing=preprocessing,
+            backbone_kwargs=backbone_kwargs,
+        )
+        base.trainable = False
+        return keras.Model(inputs, x, name=name)
 
 
 @keras.saving.register_keras_serializable(package="keras_transfer")
@@ -305,6 +374,9 @@ def build_text_classifier(
     dropout: float = 0.1,
     freeze_backbone: bool = True,
     name: str = "text_classifier",
+    strategy: tf.distribute.Strategy | None = None,
+    mixed_precision: str | None = None,
+    **backbone_kwargs,
 ) -> keras.Model:
     """Builds a functional text classifier on a KerasHub backbone.
 
@@ -322,6 +394,10 @@ def build_text_classifier(
         dropout: dropout rate before the head.
         freeze_backbone: start with the backbone frozen.
         name: model name.
+        strategy: see `build_image_classifier`.
+        mixed_precision: see `build_image_classifier`.
+        **backbone_kwargs: config overrides for the KerasHub backbone (e.g.
+            `dropout=0.0`), passed to `Backbone.from_preset`.
 
     Returns:
         A `keras.Model` taking the backbone's input dict.
@@ -335,14 +411,15 @@ def build_text_classifier(
     validate_head(head, num_classes)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
-    base = create_text_backbone(backbone, weights=weights)
-    inputs = {
-        key: keras.Input(shape=(None,), dtype=tensor.dtype, name=key)
-        for key, tensor in base.input.items()
-    }
-    x = MaskedMeanPooling(name="mean_pool")(base(inputs), inputs["padding_mask"])
-    if dropout:
-        x = keras.layers.Dropout(dropout, name="dropout")(x)
-    outputs = make_head(head, num_classes, name=HEAD_NAME)(x)
-    base.trainable = not freeze_backbone
-    return keras.Model(inputs, outputs, name=name)
+    with build_scope(strategy, mixed_precision):
+        base = create_text_backbone(backbone, weights=weights, **backbone_kwargs)
+        inputs = {
+            key: keras.Input(shape=(None,), dtype=tensor.dtype, name=key)
+            for key, tensor in base.input.items()
+        }
+        x = MaskedMeanPooling(name="mean_pool")(base(inputs), inputs["padding_mask"])
+        if dropout:
+            x = keras.layers.Dropout(dropout, name="dropout")(x)
+        outputs = make_head(head, num_classes, name=HEAD_NAME)(x)
+        base.trainable = not freeze_backbone
+        return keras.Model(inputs, outputs, name=name)

@@ -196,6 +196,7 @@ def lr_find(
     end_lr: float = 1.0,
     num_steps: int = 100,
     plot_path: str | None = None,
+    strategy=None,
 ) -> LRFinderResult:
     """LR range test: trains a copy of `model` while the LR grows exponentially.
 
@@ -210,6 +211,8 @@ def lr_find(
         end_lr: last learning rate (> start_lr).
         num_steps: number of batches (>= 5).
         plot_path: if given, write the loss-vs-LR PNG there.
+        strategy: the `tf.distribute.Strategy` the copy trains under; None:
+            the one the model was built under.
 
     Returns:
         An `LRFinderResult`.
@@ -234,12 +237,13 @@ def lr_find(
         raise ValueError(f"`num_steps` must be >= 5. Received: num_steps={num_steps}")
     if getattr(model, "optimizer", None) is None or model.loss is None:
         raise ValueError(f"Model {model.name!r} must be compiled before `lr_find`.")
-    probe = keras.models.clone_model(model)
-    probe.set_weights(model.get_weights())
-    config = _inner(model.optimizer).get_config()
-    config["learning_rate"] = float(start_lr)
-    optimizer = type(_inner(model.optimizer)).from_config(config)
-    probe.compile(optimizer=optimizer, loss=model.loss)
+    with (strategy or model.distribute_strategy).scope():
+        probe = keras.models.clone_model(model)
+        probe.set_weights(model.get_weights())
+        config = _inner(model.optimizer).get_config()
+        config["learning_rate"] = float(start_lr)
+        optimizer = type(_inner(model.optimizer)).from_config(config)
+        probe.compile(optimizer=optimizer, loss=model.loss)
     recorder = _LRRangeTest(start_lr, end_lr, num_steps)
     probe.fit(
         train_data.repeat(),

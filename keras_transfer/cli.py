@@ -27,6 +27,9 @@ import sys
 
 from absl import app, flags, logging
 
+from keras_transfer.builders import AUGMENTATIONS, MIXED_PRECISION
+from keras_transfer.recipes import list_recipes
+
 FLAGS = flags.FLAGS
 COMMANDS = ("train", "evaluate", "predict", "export", "demo")
 
@@ -34,12 +37,7 @@ flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone name (see list_b
 flags.DEFINE_string("data", "fashion_mnist", "Dataset name, tfds:<name>, or image folder.")
 flags.DEFINE_string("output_dir", None, "Run directory to create (train, demo).")
 flags.DEFINE_enum("weights", "imagenet", ["imagenet", "none"], "Backbone initialisation.")
-flags.DEFINE_enum(
-    "recipe",
-    "two_stage",
-    ["feature_extraction", "two_stage", "full", "progressive"],
-    "Fine-tuning recipe.",
-)
+flags.DEFINE_enum("recipe", "two_stage", list(list_recipes()), "Fine-tuning recipe.")
 flags.DEFINE_list("epochs", ["3", "3"], "Epochs; two values (head, fine-tune) for two_stage.")
 flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate of the head stage.")
 flags.DEFINE_integer("batch_size", 32, "Batch size.")
@@ -47,7 +45,13 @@ flags.DEFINE_integer("image_size", 224, "Square input size in pixels.")
 flags.DEFINE_integer("max_per_class", None, "Use at most this many training images per class.")
 flags.DEFINE_integer("max_test_per_class", None, "Use at most this many test images per class.")
 flags.DEFINE_string("unfreeze_blocks", "all", "Blocks unfrozen in stage 2: an int or 'all'.")
-flags.DEFINE_enum("augmentation", "none", ["none", "light", "standard"], "Augmentation.")
+flags.DEFINE_enum("augmentation", "none", list(AUGMENTATIONS), "Augmentation.")
+flags.DEFINE_enum(
+    "mixed_precision",
+    None,
+    [p for p in MIXED_PRECISION if p],
+    "Compute dtype policy: mixed_float16 (GPUs), mixed_bfloat16 (TPUs, recent CPUs).",
+)
 flags.DEFINE_integer("seed", 0, "Seed for splits and initialisation.")
 flags.DEFINE_string("model", None, "Run directory, .keras file, or imagenet:efficientnet_lite0.")
 flags.DEFINE_list("images", [], "Image files or folders (predict).")
@@ -126,6 +130,7 @@ def _train():
         unfreeze_blocks=int(blocks) if blocks.isdigit() else blocks,
         augmentation=FLAGS.augmentation,
         sequence_length=FLAGS.sequence_length,
+        mixed_precision=FLAGS.mixed_precision,
         seed=FLAGS.seed,
     )
     report = train_run(config)

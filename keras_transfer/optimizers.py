@@ -297,7 +297,7 @@ def _inner(optimizer):
     return getattr(optimizer, "inner_optimizer", optimizer)
 
 
-def prepare_for_unfreezing(model: keras.Model) -> None:
+def prepare_for_unfreezing(model: keras.Model, strategy=None) -> None:
     """Builds (or extends) the model's optimizer over every candidate variable.
 
     Call after `compile`; `ProgressiveUnfreezing` and `fine_tune` call it for
@@ -307,6 +307,11 @@ def prepare_for_unfreezing(model: keras.Model) -> None:
 
     Args:
         model: a compiled model.
+        strategy: the `tf.distribute.Strategy` whose scope holds the
+            optimizer's variables; None: the one the model was built under.
+
+    Returns:
+        None.
 
     Example:
     >>> import keras_transfer as kt
@@ -320,8 +325,12 @@ def prepare_for_unfreezing(model: keras.Model) -> None:
     """
     if getattr(model, "optimizer", None) is None:
         raise ValueError(f"Model {model.name!r} is not compiled; call `model.compile(...)` first.")
+    with (strategy or model.distribute_strategy).scope():
+        _build_over(model, candidate_variables(model))
+
+
+def _build_over(model, candidates):
     optimizer = _inner(model.optimizer)
-    candidates = candidate_variables(model)
     if not optimizer.built:
         model.optimizer.build(candidates)
         return

@@ -31,7 +31,13 @@ import keras
 
 from keras_transfer import staging
 from keras_transfer.backbones.kerashub import text_preprocessor
-from keras_transfer.builders import build_image_classifier, build_text_classifier
+from keras_transfer.builders import (
+    AUGMENTATIONS,
+    BN_POLICIES,
+    MIXED_PRECISION,
+    build_image_classifier,
+    build_text_classifier,
+)
 from keras_transfer.data import (
     DatasetSplits,
     image_folder_dataset,
@@ -42,7 +48,7 @@ from keras_transfer.data import (
 from keras_transfer.evaluation import evaluate_classifier
 from keras_transfer.export import export_model, export_options
 from keras_transfer.plots import plot_confusion_matrix, plot_training_curves
-from keras_transfer.recipes import fine_tune
+from keras_transfer.recipes import check_number, fine_tune, list_recipes
 from keras_transfer.reports import save_history_json, write_run_report
 
 MODEL_FILE = "model.keras"
@@ -86,7 +92,18 @@ class RunConfig:
         backbone_kwargs: extra backbone constructor arguments.
         patience: early-stopping patience on validation loss (None: off).
         sequence_length: tokens per text (text task).
+        mixed_precision: `"mixed_float16"`, `"mixed_bfloat16"` or None.
         seed: seed for splits and initialisation.
+
+    Every value is checked when the config is made; choices come from the
+    library (`list_recipes()`, `AUGMENTATIONS`, `BN_POLICIES`, ...).
+
+    Example:
+
+    >>> RunConfig(recipe="fast")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: `recipe` must be one of ('feature_extraction', ...). Received: recipe='fast'
     """
 
     task: str = "image"
@@ -109,11 +126,51 @@ class RunConfig:
     backbone_kwargs: dict = dataclasses.field(default_factory=dict)
     patience: int | None = 3
     sequence_length: int = 64
+    mixed_precision: str | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        _choice("task", self.task, TASKS)
+        _choice("recipe", self.recipe, list_recipes())
+        _choice("augmentation", self.augmentation, AUGMENTATIONS)
+        _choice("bn_policy", self.bn_policy, (None, *BN_POLICIES))
+        _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        epochs = self.epochs if isinstance(self.epochs, (tuple, list)) else (self.epochs,)
+        if not epochs or not all(
+            isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in epochs
+        ):
+            raise ValueError(
+                "`epochs` must be an integer or a tuple of integers >= 0. "
+                f"Received: epochs={self.epochs!r}"
+            )
+        check_number("learning_rate", self.learning_rate, 0)
+        if not self.learning_rate > 0:
+            raise ValueError(
+                f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate!r}"
+            )
+        for name in ("batch_size", "image_size", "sequence_length"):
+            check_number(name, getattr(self, name), 1, integer=True)
+        for name in ("max_per_class", "max_test_per_class"):
+            check_number(name, getattr(self, name), 1, optional=True, integer=True)
+        check_number("test_split", self.test_split, 0, 1, optional=True)
+        check_number("lr_spread", self.lr_spread, 1)
+        check_number("patience", self.patience, 0, optional=True, integer=True)
+        check_number("seed", self.seed, 0, integer=True)
+        if self.unfreeze_blocks != "all":
+            check_number("unfreeze_blocks", self.unfreeze_blocks, 1, integer=True)
+        if not isinstance(self.backbone_kwargs, dict):
+            raise ValueError(
+                f"`backbone_kwargs` must be a dict. Received: backbone_kwargs={self.backbone_kwargs!r}"
+            )
 
 
 TASKS = ("image", "text")
 TEXT_DATA = ("wordnet_nouns",)
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {tuple(allowed)}. Received: {name}={value!r}")
 
 
 def load_labels(run_dir: str) -> list[str] | None:
@@ -248,12 +305,14 @@ def held_out_split(splits: DatasetSplits) -> tuple[str, object, str | None]:
     return "train", splits.train, "No held-out split: the figures come from the training data."
 
 
-def _build_model(config: RunConfig, num_classes: int, weights):
+def _build_model(config: RunConfig, num_classes: int, weights, strategy):
+    common = {"strategy": strategy, "mixed_precision": config.mixed_precision}
     if config.task == "text":
         return build_text_classifier(
             config.backbone,
             num_classes,
             weights="pretrained" if weights is not None else None,
+            **common,
             **config.backbone_kwargs,
         )
     size = (config.image_size, config.image_size)
@@ -263,6 +322,7 @@ def _build_model(config: RunConfig, num_classes: int, weights):
         weights=weights,
         input_shape=(*size, 3),
         augmentation=config.augmentation,
+        **common,
         **config.backbone_kwargs,
     )
 
@@ -279,7 +339,7 @@ def _unfinished_runs(output_dir: str) -> list[str]:
     )
 
 
-def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
+def train_run(config: RunConfig, *, strategy=None, verbose: int | str = "auto") -> dict:
     """Trains, evaluates and writes a run directory; returns the evaluation report.
 
     The directory is built in a hidden folder beside `output_dir`
@@ -292,6 +352,8 @@ def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
 
     Args:
         config: a `RunConfig`.
+        strategy: a `tf.distribute.Strategy` to build and train under (None:
+            the current one); `config.batch_size` is the global batch.
         verbose: Keras `fit` verbosity (progress bars with "auto" or 1).
 
     Returns:
@@ -329,7 +391,7 @@ def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
     created = staging.writable_folder(parent, "a run directory")
     run_staging = staging.make_staging_folder(parent, f"{_PARTIAL_PREFIX}{name}-")
     try:
-        report = _train_into(config, run_staging, verbose)
+        report = _train_into(config, run_staging, strategy, verbose)
         os.replace(run_staging, output_dir)
     except BaseException:
         staging.discard(run_staging, created)
@@ -338,7 +400,7 @@ def train_run(config: RunConfig, *, verbose: int | str = "auto") -> dict:
     return report
 
 
-def _train_into(config: RunConfig, folder: str, verbose) -> dict:
+def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
     keras.utils.set_random_seed(config.seed)
     weights = None if str(config.weights).lower() in ("none", "random") else config.weights
     splits = load_run_splits(config)
@@ -347,7 +409,7 @@ def _train_into(config: RunConfig, folder: str, verbose) -> dict:
             f"A classifier needs at least 2 classes; {config.data!r} has "
             f"{splits.num_classes}: {splits.class_names}. Add one subfolder per class."
         )
-    model = _build_model(config, splits.num_classes, weights)
+    model = _build_model(config, splits.num_classes, weights, strategy)
     epochs = tuple(config.epochs) if isinstance(config.epochs, list) else config.epochs
     start = time.perf_counter()
     history = fine_tune(
@@ -361,6 +423,9 @@ def _train_into(config: RunConfig, folder: str, verbose) -> dict:
         bn_policy=config.bn_policy,
         lr_spread=config.lr_spread,
         patience=config.patience,
+        batch_size=config.batch_size,
+        seed=config.seed,
+        strategy=strategy,
         callbacks=[keras.callbacks.TensorBoard(os.path.join(folder, "logs"))],
         verbose=verbose,
     )

