@@ -1,36 +1,9 @@
 import keras
 import numpy as np
 import pytest
-from conftest import assert_round_trip, image_batch, labels, tiny_classifier
+from conftest import image_batch, labels, tiny_classifier
 
 import keras_transfer as kt
-
-
-@pytest.mark.parametrize(
-    "recipe, epochs, stages",
-    [
-        ("feature_extraction", 2, [1, 1]),
-        ("two_stage", (1, 1), [1, 2]),
-        ("full", 2, [1, 1]),
-        ("progressive", 2, [1, 1]),
-    ],
-)
-def test_recipe_trains_and_round_trips(recipe, epochs, stages, tmp_path):
-    model = tiny_classifier()
-    x, y = image_batch(16), labels(16)
-    history = kt.fine_tune(
-        model, (x, y), (x[:8], y[:8]), recipe=recipe, epochs=epochs, batch_size=8, verbose=0
-    )
-    assert history.history["stage"] == stages
-    assert "val_loss" in history.history and "accuracy" in history.history
-    loaded = assert_round_trip(model, x, tmp_path)
-    saved = {v.path: v.numpy() for v in model.optimizer.variables}
-    assert len(loaded.optimizer.variables) >= 2
-    for v in loaded.optimizer.variables:
-        np.testing.assert_array_equal(v.numpy(), saved[v.path], err_msg=v.path)
-    assert loaded.optimizer.get_config()["lr_multipliers"] == model.optimizer.lr_multipliers
-    # The reloaded model carries on training where it stopped.
-    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0)
 
 
 def test_feature_extraction_keeps_backbone():
