@@ -12,7 +12,7 @@ from keras_transfer import _startup
 if _startup.is_command():
     _startup.import_tensorflow_quietly()
 
-from keras_transfer import data, export, runs, serving
+from keras_transfer import data, export, runs, serving, stages, training
 from keras_transfer.backbones import (
     PREPROCESSING_MODES,
     BackboneSpec,
@@ -54,9 +54,7 @@ from keras_transfer.recipes import (
     RECIPES,
     Recipe,
     RecipeSettings,
-    Stage,
     fine_tune,
-    fit_stage,
     get_recipe,
     list_recipes,
     plan_recipe,
@@ -64,6 +62,7 @@ from keras_transfer.recipes import (
 )
 from keras_transfer.reports import save_history_json, write_run_report
 from keras_transfer.runs import RunConfig, train_run
+from keras_transfer.stages import Stage, fit_stage
 
 __version__ = "0.1.0"
 
@@ -117,7 +116,9 @@ __all__ = [
     "runs",
     "save_history_json",
     "serving",
+    "stages",
     "train_run",
+    "training",
     "trainable_summary",
     "unfreeze",
     "warmup_cosine",

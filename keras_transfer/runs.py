@@ -48,8 +48,9 @@ from keras_transfer.data import (
 from keras_transfer.evaluation import evaluate_classifier
 from keras_transfer.export import export_model, export_options
 from keras_transfer.plots import plot_confusion_matrix, plot_training_curves
-from keras_transfer.recipes import check_number, fine_tune, list_recipes
+from keras_transfer.recipes import fine_tune, list_recipes
 from keras_transfer.reports import save_history_json, write_run_report
+from keras_transfer.training import check_number
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.txt"

@@ -85,13 +85,13 @@ def test_arrays_are_shuffled_every_epoch():
     # Class-sorted arrays: in order, every batch of 4 would hold one class only.
     y = np.repeat([0, 1], 8)
     x = np.arange(16, dtype="float32")
-    data = kt.recipes.as_dataset((x, y), batch_size=4, seed=0)
+    data = kt.training.as_dataset((x, y), batch_size=4, seed=0)
     epochs = [[batch[1].numpy().tolist() for batch in data] for _ in range(2)]
     assert any(len(set(batch)) > 1 for batch in epochs[0])
     assert epochs[0] != epochs[1]  # reshuffled each epoch
-    again = kt.recipes.as_dataset((x, y), batch_size=4, seed=0)
+    again = kt.training.as_dataset((x, y), batch_size=4, seed=0)
     assert [b[1].numpy().tolist() for b in again] == epochs[0]  # seeded
-    validation = kt.recipes.as_dataset((x, y), batch_size=4, name="validation")
+    validation = kt.training.as_dataset((x, y), batch_size=4, name="validation")
     assert [b[1].numpy().tolist() for b in validation][0] == [0, 0, 0, 0]
 
 

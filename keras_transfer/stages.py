@@ -1,0 +1,324 @@
+"""A stage: one `fit` of a recipe, and the public pieces it is made of.
+
+`fit_stage` sets what trains (`apply_stage`), compiles the stage's optimizer
+(`stage_optimizer`: AdamW with warm-up + cosine, layer-wise LRs) and loss per
+head (`training.compile_arguments`) under the model's strategy, and runs `fit`
+with the stage's callbacks (`stage_callbacks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from keras_transfer.callbacks import ProgressiveUnfreezing
+from keras_transfer.freezing import freeze_backbone, resolve_bn_policy, unfreeze
+from keras_transfer.heads import DEFAULT_LABEL_SMOOTHING
+from keras_transfer.optimizers import (
+    DEFAULT_LR_SPREAD,
+    DEFAULT_WEIGHT_DECAY,
+    discriminative_optimizer,
+    layerwise_optimizer,
+    warmup_cosine,
+)
+from keras_transfer.training import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_PATIENCE,
+    compile_arguments,
+    positive_number,
+    prepare_training,
+)
+
+# "progressive" starts at `learning_rate` for the head and shrinks the LR by
+# this at each unfreezing step (ULMFiT-style gradual unfreezing, Howard &
+# Ruder 2018).
+PROGRESSIVE_LR_FACTOR = 0.5
+WARMUP_FRACTION = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One `fit` of a recipe.
+
+    Args:
+        name: a label for the stage (`"head"`, `"fine_tune"`, ...).
+        epochs: epochs of this stage (>= 1).
+        learning_rate: peak LR (warm-up then cosine decay over the stage).
+        train_blocks: what of the backbone trains: 0 (frozen, head only), a
+            number of top blocks, or `"all"`.
+        discriminative: LRs fall down the backbone (`lr_spread` from head
+            to stem); otherwise every variable gets `learning_rate`.
+        progressive: the backbone starts frozen and one more block unfreezes
+            each epoch inside the `fit` (`ProgressiveUnfreezing`), the LR
+            shrinking by `PROGRESSIVE_LR_FACTOR` at each step.
+
+    Example:
+
+    >>> Stage("head", epochs=3, learning_rate=1e-3).train_blocks
+    0
+    """
+
+    name: str
+    epochs: int
+    learning_rate: float
+    train_blocks: int | str = 0
+    discriminative: bool = False
+    progressive: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"`epochs` must be an integer >= 1. Received: epochs={self.epochs!r}")
+        if not positive_number(self.learning_rate):
+            raise ValueError(
+                f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate!r}"
+            )
+        if self.train_blocks != "all" and (
+            isinstance(self.train_blocks, bool)
+            or not isinstance(self.train_blocks, int)
+            or self.train_blocks < 0
+        ):
+            raise ValueError(
+                "`train_blocks` must be 'all' or an integer >= 0. "
+                f"Received: train_blocks={self.train_blocks!r}"
+            )
+        if self.progressive and self.train_blocks != 0:
+            raise ValueError(
+                "A progressive stage starts from a frozen backbone: `train_blocks` must be 0. "
+                f"Received: train_blocks={self.train_blocks!r}"
+            )
+
+
+def stage_optimizer(
+    model: keras.Model,
+    stage: Stage,
+    steps: int,
+    *,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    lr_spread: float = DEFAULT_LR_SPREAD,
+    lr_scale: float = 1.0,
+) -> keras.optimizers.Optimizer:
+    """The optimizer a stage compiles: AdamW, warm-up + cosine, layer-wise LRs.
+
+    Args:
+        model: the model (its backbone blocks set the discriminative LRs).
+        stage: the `Stage`.
+        steps: training steps per epoch.
+        weight_decay: AdamW decoupled weight decay.
+        lr_spread: head LR / stem LR for discriminative stages.
+        lr_scale: multiplies the stage's peak LR (linear scaling rule).
+
+    Returns:
+        An unbuilt layer-wise AdamW.
+
+    Example:
+
+    >>> import keras_transfer as kt
+    >>> model = kt.build_image_classifier("mobilenet_v3_small", 2, weights=None,
+    ...                                   input_shape=(32, 32, 3))
+    >>> opt = stage_optimizer(model, Stage("head", 1, 1e-3), steps=10)
+    >>> type(opt).__name__
+    'LayerwiseAdamW'
+    """
+    total_steps = max(steps * stage.epochs, 1)
+    schedule = warmup_cosine(stage.learning_rate * lr_scale, total_steps, WARMUP_FRACTION)
+    if stage.discriminative:
+        return discriminative_optimizer(
+            model, "adamw", spread=lr_spread, learning_rate=schedule, weight_decay=weight_decay
+        )
+    return layerwise_optimizer("adamw", learning_rate=schedule, weight_decay=weight_decay)
+
+
+def stage_callbacks(
+    stage: Stage,
+    *,
+    validation=None,
+    patience: int | None = DEFAULT_PATIENCE,
+    bn_policy: str | None = None,
+    callbacks: Sequence[keras.callbacks.Callback] | None = None,
+) -> list[keras.callbacks.Callback]:
+    """The callbacks of one stage: the caller's, progressive unfreezing, early stopping.
+
+    Args:
+        stage: the `Stage`.
+        validation: the validation data (early stopping needs it).
+        patience: early-stopping patience on `val_loss`; None: off.
+        bn_policy: BatchNorm policy for blocks unfrozen during the stage.
+        callbacks: the caller's callbacks, first.
+
+    Returns:
+        A new list of callbacks.
+
+    Example:
+
+    >>> [type(c).__name__ for c in stage_callbacks(Stage("p", 2, 1e-3, progressive=True))]
+    ['ProgressiveUnfreezing']
+    """
+    result = list(callbacks or [])
+    if stage.progressive:
+        result.append(
+            ProgressiveUnfreezing(1, lr_factor=PROGRESSIVE_LR_FACTOR, bn_policy=bn_policy)
+        )
+    if validation is not None and patience is not None:
+        result.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=patience, restore_best_weights=True
+            )
+        )
+    return result
+
+
+def apply_stage(model: keras.Model, stage: Stage, bn_policy: str | None = None) -> None:
+    """Freezes or unfreezes the backbone as the stage says.
+
+    Args:
+        model: a model with a `"backbone"` layer.
+        stage: the `Stage`.
+        bn_policy: BatchNorm policy of unfrozen blocks (see `kt.unfreeze`).
+
+    Returns:
+        None.
+
+    Example:
+
+    >>> import keras_transfer as kt
+    >>> model = kt.build_image_classifier("mobilenet_v3_small", 2, weights=None,
+    ...                                   input_shape=(32, 32, 3))
+    >>> apply_stage(model, Stage("all", 1, 1e-4, train_blocks="all"))
+    >>> model.get_layer("backbone").trainable
+    True
+    """
+    policy = resolve_bn_policy(model, bn_policy)
+    if stage.train_blocks == "all":
+        unfreeze(model, "all", bn_policy=policy)
+        return
+    freeze_backbone(model)
+    if stage.train_blocks:
+        unfreeze(model, blocks=stage.train_blocks, bn_policy=policy)
+
+
+def fit_stage(
+    model: keras.Model,
+    train,
+    validation=None,
+    stage: Stage | None = None,
+    *,
+    initial_epoch: int = 0,
+    loss=None,
+    metrics=None,
+    loss_weights=None,
+    weight_decay: float = DEFAULT_WEIGHT_DECAY,
+    label_smoothing: float = DEFAULT_LABEL_SMOOTHING,
+    lr_spread: float = DEFAULT_LR_SPREAD,
+    lr_scaling: str | None = None,
+    bn_policy: str | None = None,
+    patience: int | None = DEFAULT_PATIENCE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    steps_per_epoch: int | None = None,
+    callbacks: list | None = None,
+    strategy: tf.distribute.Strategy | None = None,
+    seed: int = 0,
+    jit_compile="auto",
+    verbose="auto",
+) -> keras.callbacks.History:
+    """Runs one stage of a recipe: set what trains, compile, `fit`.
+
+    Args:
+        model: a model with a `"backbone"` layer and named output layer(s).
+        train: a batched `tf.data.Dataset` or a tuple of arrays (shuffled
+            every epoch, seeded).
+        validation: the same for validation, or None.
+        stage: the `Stage` to run.
+        initial_epoch: epoch number the stage starts at (its history's epochs
+            and the schedule of a progressive stage count from it).
+        loss: None (the default of each head's kind), a loss, or a dict by
+            output name for several heads.
+        metrics: None (defaults per head), a list, or a dict by output name.
+        loss_weights: weights of the heads' losses (several heads).
+        weight_decay: AdamW decoupled weight decay.
+        label_smoothing: for the default softmax and multi-label losses.
+        lr_spread: head LR / stem LR in discriminative stages.
+        lr_scaling: None, or `"linear"`: the LR times the number of replicas.
+        bn_policy: see `kt.unfreeze`; None infers it from the model.
+        patience: early-stopping patience when `validation` is given.
+        batch_size: global batch size for arrays (divisible by the replicas).
+        steps_per_epoch: needed when `train` has unknown length.
+        callbacks: extra Keras callbacks.
+        strategy: a `tf.distribute.Strategy` the model was built under; None:
+            the model's own.
+        seed: seed of the array shuffle.
+        jit_compile: passed to `compile`.
+        verbose: passed to `fit`.
+
+    Returns:
+        The stage's `keras.callbacks.History`.
+
+    Example:
+
+    >>> import numpy as np, keras_transfer as kt
+    >>> model = kt.build_image_classifier("mobilenet_v3_small", 2, weights=None,
+    ...                                   input_shape=(32, 32, 3), alpha=0.75)
+    >>> data = (np.random.rand(8, 32, 32, 3) * 255, np.arange(8) % 2)
+    >>> history = kt.fit_stage(model, data, stage=kt.Stage("head", 1, 1e-3), verbose=0)
+    >>> len(history.epoch)
+    1
+    """
+    if not isinstance(stage, Stage):
+        raise TypeError(f"`stage` must be a Stage. Received: {type(stage).__name__}")
+    inputs = prepare_training(
+        model,
+        train,
+        validation,
+        loss=loss,
+        metrics=metrics,
+        loss_weights=loss_weights,
+        weight_decay=weight_decay,
+        label_smoothing=label_smoothing,
+        lr_spread=lr_spread,
+        lr_scaling=lr_scaling,
+        patience=patience,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        strategy=strategy,
+        seed=seed,
+    )
+    policy = resolve_bn_policy(model, bn_policy)
+    apply_stage(model, stage, policy)
+    with inputs.strategy.scope():
+        optimizer = stage_optimizer(
+            model,
+            stage,
+            inputs.steps,
+            weight_decay=weight_decay,
+            lr_spread=lr_spread,
+            lr_scale=inputs.lr_scale,
+        )
+        model.compile(
+            optimizer=optimizer,
+            jit_compile=jit_compile,
+            **compile_arguments(
+                model,
+                loss=loss,
+                metrics=metrics,
+                loss_weights=loss_weights,
+                label_smoothing=label_smoothing,
+            ),
+        )
+    return model.fit(
+        inputs.train,
+        validation_data=inputs.validation,
+        epochs=initial_epoch + stage.epochs,
+        initial_epoch=initial_epoch,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=stage_callbacks(
+            stage,
+            validation=inputs.validation,
+            patience=patience,
+            bn_policy=policy,
+            callbacks=callbacks,
+        ),
+        verbose=verbose,
+        shuffle=False,
+    )
