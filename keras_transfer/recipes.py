@@ -435,23 +435,20 @@ def fine_tune(
         **recipe_options,
     )
     policy = resolve_bn_policy(model, bn_policy)
-    inputs = prepare_training(
-        model,
-        train,
-        validation,
-        loss=loss,
-        metrics=metrics,
-        loss_weights=loss_weights,
-        weight_decay=weight_decay,
-        label_smoothing=label_smoothing,
-        lr_spread=lr_spread,
-        lr_scaling=lr_scaling,
-        patience=patience,
-        batch_size=batch_size,
-        steps_per_epoch=steps_per_epoch,
-        strategy=strategy,
-        seed=seed,
-    )
+    options = {
+        "loss": loss,
+        "metrics": metrics,
+        "loss_weights": loss_weights,
+        "weight_decay": weight_decay,
+        "label_smoothing": label_smoothing,
+        "lr_spread": lr_spread,
+        "lr_scaling": lr_scaling,
+        "patience": patience,
+        "batch_size": batch_size,
+        "steps_per_epoch": steps_per_epoch,
+    }
+    # Everything is checked, and arrays become one shuffled pipeline, before stage 1.
+    inputs = prepare_training(model, train, validation, strategy=strategy, seed=seed, **options)
     histories = []
     for stage in stages:
         histories.append(
@@ -461,21 +458,12 @@ def fine_tune(
                 inputs.validation,
                 stage,
                 initial_epoch=sum(len(history.epoch) for history in histories),
-                loss=loss,
-                metrics=metrics,
-                loss_weights=loss_weights,
-                weight_decay=weight_decay,
-                label_smoothing=label_smoothing,
-                lr_spread=lr_spread,
-                lr_scaling=lr_scaling,
                 bn_policy=policy,
-                patience=patience,
-                batch_size=batch_size,
-                steps_per_epoch=steps_per_epoch,
                 callbacks=callbacks,
                 strategy=inputs.strategy,
                 jit_compile=jit_compile,
                 verbose=verbose,
+                **options,
             )
         )
     return _merge(histories)
