@@ -29,6 +29,7 @@ from absl import app, flags, logging
 
 from keras_transfer.builders import AUGMENTATIONS, MIXED_PRECISION
 from keras_transfer.recipes import list_recipes
+from keras_transfer.runs import TASKS
 
 FLAGS = flags.FLAGS
 COMMANDS = ("train", "evaluate", "predict", "export", "demo")
@@ -56,9 +57,7 @@ flags.DEFINE_integer("seed", 0, "Seed for splits and initialisation.")
 flags.DEFINE_string("model", None, "Run directory, .keras file, or imagenet:efficientnet_lite0.")
 flags.DEFINE_list("images", [], "Image files or folders (predict).")
 flags.DEFINE_integer("top", 3, "Labels shown per image (predict).")
-flags.DEFINE_enum(
-    "task", "image", ["image", "text"], "image, or text (KerasHub backbone, e.g. minilm)."
-)
+flags.DEFINE_enum("task", "image", list(TASKS), "image, or text (KerasHub backbone, e.g. minilm).")
 flags.DEFINE_integer("sequence_length", 64, "Tokens per text (text task).")
 flags.DEFINE_string("output", None, "Export folder saved_models/<name> (export, demo).")
 flags.DEFINE_list("format", ["saved_model", "tflite"], "Export formats: saved_model, tflite.")
@@ -77,7 +76,6 @@ flags.DEFINE_float(
 # User errors: reported in one line, exit code 2, no traceback.
 _USER_ERRORS = (
     ValueError,
-    TypeError,
     FileNotFoundError,
     FileExistsError,
     NotADirectoryError,
