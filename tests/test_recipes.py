@@ -4,6 +4,7 @@ import pytest
 from conftest import image_batch, labels, tiny_classifier
 
 import keras_transfer as kt
+from keras_transfer.export.tflite import _LiteRunner
 
 
 def test_feature_extraction_keeps_backbone():
@@ -195,6 +196,11 @@ def test_mixed_bfloat16_trains_and_exports_float32(tmp_path):
     served = tf.saved_model.load(path).signatures["serving_default"]
     assert served.structured_input_signature[1]["image"].dtype == tf.float32
     assert served.structured_outputs["probabilities"].dtype == tf.float32
+    out = served(image=tf.constant(image_batch(2)))["probabilities"].numpy()
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-2)
+    report = kt.export.tflite(model, str(tmp_path / "bf16.tflite"), verbose=False)
+    assert report.size_bytes > 0
+    assert _LiteRunner(report.path).input_dtype == np.float32
 
 
 def test_mixed_float16_without_a_gpu_warns_and_scales_the_loss():
