@@ -5,15 +5,16 @@ and, later, notices such as a failed `cuInit` on a machine without a GPU.
 `TF_CPP_MIN_LOG_LEVEL` silences the later ones only if it is set before the
 import, and the first few are written by absl before TensorFlow's own log
 level applies, straight to file descriptor 2. The command therefore sets the
-level and imports TensorFlow with descriptor 2 pointed at a temporary file,
-replaying it if the import fails. A level the user set wins
+level and imports TensorFlow inside `captured_native_output`, which replays
+what it caught if the import fails. A level the user set wins
 (`TF_CPP_MIN_LOG_LEVEL=0 keras-transfer ...` shows everything); a library
 import never comes here.
 """
 
 import os
 import sys
-import tempfile
+
+from keras_transfer.native_output import captured_native_output
 
 COMMAND = "keras-transfer"
 # 3 hides TensorFlow's C++ INFO, WARNING and ERROR lines; failures still raise.
@@ -32,17 +33,5 @@ def import_tensorflow_quietly() -> None:
     ):
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_LEVEL
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            import tensorflow  # noqa: F401
-        except BaseException:
-            os.dup2(saved, 2)
-            captured.seek(0)
-            os.write(2, captured.read())
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+    with captured_native_output():
+        import tensorflow  # noqa: F401

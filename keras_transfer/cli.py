@@ -18,7 +18,8 @@ Usage:
       (or --data for a bare .keras file).
 
 Flags may also come from a file: --flagfile=train.flags
-Logs: -v 1 shows TensorFlow's Python logs; TF_CPP_MIN_LOG_LEVEL=0 its C++ start-up lines.
+Logs: warnings and errors only; -v 0 shows INFO (export and LiteRT notices included),
+TF_CPP_MIN_LOG_LEVEL=0 TensorFlow's C++ start-up lines.
 """
 
 from __future__ import annotations
@@ -227,9 +228,12 @@ def main(argv):
         return 2
     import tensorflow as tf
 
-    # TensorFlow's Python chatter (retracing, converter notices) follows absl's
-    # --verbosity: shown from -v 1 (debug) on, errors only by default.
-    tf.get_logger().setLevel("DEBUG" if FLAGS.verbosity >= 1 else "ERROR")
+    # absl runs commands at INFO, where TensorFlow and the export log dozens of
+    # lines (signature renames, checkpoint sharding, LiteRT notices): the
+    # command shows warnings and errors unless --verbosity / -v asks for more.
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+        tf.get_logger().setLevel("ERROR")  # retracing notices are not for users
     try:
         commands_to_run = {
             "train": _train,

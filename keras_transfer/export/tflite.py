@@ -22,9 +22,11 @@ from collections.abc import Sequence
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from keras_transfer import staging as staging_lib
 from keras_transfer.export import signatures
+from keras_transfer.native_output import CapturedOutput, captured_native_output
 
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
 IO_TYPES = ("float32", "uint8", "int8")
@@ -247,12 +249,25 @@ def read_tflite_labels(path: str) -> list[str] | None:
     return None
 
 
+@contextlib.contextmanager
+def _logged_native_output(source):
+    """Native chatter of the converter / interpreter, sent to absl logging at INFO."""
+    captured = CapturedOutput()
+    try:
+        with captured_native_output(replay_on_error=False) as captured:
+            yield
+    finally:
+        if captured.text.strip():
+            logging.info("LiteRT %s: %s", source, captured.text.strip())
+
+
 class _LiteRunner:
     """Runs the `serving_default` signature of a `.tflite` file on float images."""
 
     def __init__(self, path):
-        self.interpreter = _litert_interpreter()(model_path=path, num_threads=os.cpu_count())
-        self.runner = self.interpreter.get_signature_runner(signatures.SERVING_DEFAULT)
+        with _logged_native_output("interpreter"):
+            self.interpreter = _litert_interpreter()(model_path=path, num_threads=os.cpu_count())
+            self.runner = self.interpreter.get_signature_runner(signatures.SERVING_DEFAULT)
         details = self.runner.get_input_details()[signatures.IMAGE_INPUT]
         self.input_dtype = details["dtype"]
         self.input_quant = details["quantization"]
@@ -280,7 +295,8 @@ def _measure(report, model, path, images, labels):
         compare = False
     else:
         compare = True
-    runner(images[0])  # warm-up
+    with _logged_native_output("interpreter"):  # the first call applies the XNNPACK delegate
+        runner(images[0])  # warm-up
     lite, times = [], []
     for image in images:
         start = time.perf_counter()
@@ -415,7 +431,8 @@ def tflite(
             write_conversion_source(model, source_dir)
         converter = _converter(source_dir, quantization, representative, io_type)
         try:
-            flatbuffer = converter.convert()
+            with _logged_native_output("converter"):
+                flatbuffer = converter.convert()
         except Exception as error:  # the converter raises ConverterError and others
             if quantization != "int8":
                 raise
