@@ -250,15 +250,23 @@ def compile_arguments(
             )
     losses, metric_lists = {}, {}
     for name, layer in heads.items():
-        kind = head_kind(layer) if name not in given_loss or name not in given_metrics else None
         if name in given_loss:
             losses[name] = given_loss[name]
+            # Any output layer may take a given loss; default metrics need a known kind.
+            try:
+                kind = head_kind(layer)
+            except ValueError:
+                kind = None
         else:
+            kind = head_kind(layer)
             spec = specs.get(name)
             if spec is not None:
                 check_labels(kind, layer.units, spec.shape, spec.dtype.as_numpy_dtype)
             losses[name] = default_loss(kind, label_smoothing)
-        metric_lists[name] = given_metrics.get(name, default_metrics(kind) if kind else [])
+        if name in given_metrics:
+            metric_lists[name] = given_metrics[name]
+        else:
+            metric_lists[name] = default_metrics(kind) if kind else []
     if loss_weights is not None:
         if single:
             raise ValueError(

@@ -179,6 +179,23 @@ def test_a_custom_loss_is_the_one_used():
         verbose=0,
     )
     assert history.history["loss"] == [pytest.approx(7.0)]
+    # Any output layer takes a given loss (no default metrics for a kind it is not).
+    inputs = keras.Input((32, 32, 3), name="image")
+    backbone, _ = kt.create_backbone(
+        "mobilenet_v3_small", input_shape=(32, 32, 3), weights=None, alpha=0.75, minimalistic=True
+    )
+    x = keras.layers.GlobalAveragePooling2D()(backbone(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="relu", name="score")(x))
+    targets = np.ones((8, 2), "float32")
+    history = kt.fine_tune(
+        model,
+        (image_batch(8), targets),
+        recipe="feature_extraction",
+        epochs=1,
+        loss="mse",
+        verbose=0,
+    )
+    assert list(history.history) == ["loss", "stage"]
 
 
 def test_mixed_bfloat16_trains_and_exports_float32(tmp_path):
