@@ -28,10 +28,9 @@ def is_command() -> bool:
 
 def import_tensorflow_quietly() -> None:
     """Imports TensorFlow with its C++ start-up notices kept off the terminal."""
-    if "tensorflow" in sys.modules or os.environ.get("TF_CPP_MIN_LOG_LEVEL", QUIET_LEVEL) != (
-        QUIET_LEVEL
-    ):
+    if "tensorflow" in sys.modules:
         return
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = QUIET_LEVEL
+    if os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", QUIET_LEVEL) != QUIET_LEVEL:
+        return  # the user asked to see TensorFlow's own logs
     with captured_native_output():
         import tensorflow  # noqa: F401

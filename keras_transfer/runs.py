@@ -50,7 +50,7 @@ from keras_transfer.export import export_model, export_options
 from keras_transfer.plots import plot_confusion_matrix, plot_training_curves
 from keras_transfer.recipes import fine_tune, list_recipes
 from keras_transfer.reports import save_history_json, write_run_report
-from keras_transfer.training import check_number
+from keras_transfer.training import check_number, positive_number
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.txt"
@@ -144,8 +144,7 @@ class RunConfig:
                 "`epochs` must be an integer or a tuple of integers >= 0. "
                 f"Received: epochs={self.epochs!r}"
             )
-        check_number("learning_rate", self.learning_rate, 0)
-        if not self.learning_rate > 0:
+        if not positive_number(self.learning_rate):
             raise ValueError(
                 f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate!r}"
             )
@@ -624,10 +623,7 @@ def write_evaluation(report: dict, output_dir: str) -> str:
             f"output_dir={output_dir!r}"
         )
     staging.writable_folder(output_dir, "an evaluation")
-    partial = f"{path}.{os.getpid()}.partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
-    os.replace(partial, path)
+    staging.write_atomic(path, json.dumps(report, indent=2))
     return path
 
 

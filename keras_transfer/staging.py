@@ -1,4 +1,4 @@
-"""Folders that appear on disk complete or not at all.
+"""Folders and files that appear on disk complete or not at all.
 
 Run directories and SavedModel versions are written into a hidden staging
 folder beside their final place and renamed into place when complete. The
@@ -149,3 +149,32 @@ def discard(folder: str, created: list[str] = ()) -> None:
     """
     shutil.rmtree(folder, ignore_errors=True)
     remove_empty(list(created))
+
+
+def write_atomic(path: str, data: bytes | str) -> None:
+    """Writes a file beside `path` and renames it into place, so readers never see half.
+
+    Args:
+        path: the file to write (replaced if it exists).
+        data: bytes, or text (written as UTF-8).
+
+    Returns:
+        None.
+
+    Example:
+
+    >>> import tempfile
+    >>> path = f"{tempfile.mkdtemp()}/models.config"
+    >>> write_atomic(path, "model_config_list {}")
+    >>> open(path).read()
+    'model_config_list {}'
+    """
+    partial = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(partial, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(partial, path)
+    except BaseException:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise

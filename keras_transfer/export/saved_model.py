@@ -307,8 +307,5 @@ def write_models_config(
         ]
     lines.append("}")
     path = os.path.join(root, MODELS_CONFIG)
-    partial = f"{path}.{os.getpid()}.partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(partial, path)
+    staging_lib.write_atomic(path, "\n".join(lines) + "\n")
     return path

@@ -452,7 +452,7 @@ def tflite(
             )
     if labels:
         flatbuffer = _with_labels_metadata(flatbuffer, labels)
-    _write_atomic(path, flatbuffer)
+    staging_lib.write_atomic(path, flatbuffer)
     stem = path[: -len(".tflite")] if path.endswith(".tflite") else path
     if labels:
         signatures.write_labels(labels, f"{stem}.labels.txt")
@@ -462,7 +462,7 @@ def tflite(
     if images is None and representative is not None:
         images = representative
     _measure(report, model, path, images, truth)
-    _write_atomic(f"{stem}.parity.json", json.dumps(report.to_dict(), indent=2).encode())
+    staging_lib.write_atomic(f"{stem}.parity.json", json.dumps(report.to_dict(), indent=2))
     if verbose:
         print(format_parity_table([report]))
     return report
@@ -531,15 +531,3 @@ def float32_model(model: keras.Model) -> keras.Model:
     copy = keras.saving.deserialize_keras_object(config)
     copy.set_weights(model.get_weights())
     return copy
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    partial = f"{path}.{os.getpid()}.partial"
-    try:
-        with open(partial, "wb") as f:
-            f.write(data)
-        os.replace(partial, path)
-    except BaseException:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise
