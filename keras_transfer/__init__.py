@@ -12,7 +12,9 @@ from keras_transfer import _startup
 if _startup.is_command():
     _startup.import_tensorflow_quietly()
 
-from keras_transfer import data, export, runs, serving, stages, training
+# `distribute` first: it sets up logical CPU devices before TensorFlow starts.
+from keras_transfer import distribute  # isort: skip
+from keras_transfer import checkpoints, data, export, runs, serving, stages, training
 from keras_transfer.backbones import (
     PREPROCESSING_MODES,
     BackboneSpec,

@@ -43,6 +43,14 @@ import keras
 import tensorflow as tf
 
 from keras_transfer.backbones import backbone_blocks
+from keras_transfer.checkpoints import (
+    EpochCheckpoint,
+    TrainingState,
+    load_state,
+    plan_key,
+    restore_variables,
+    save_state,
+)
 from keras_transfer.freezing import resolve_bn_policy
 from keras_transfer.heads import DEFAULT_LABEL_SMOOTHING
 from keras_transfer.optimizers import DEFAULT_LR_SPREAD, DEFAULT_WEIGHT_DECAY
@@ -356,6 +364,7 @@ def fine_tune(
     strategy: tf.distribute.Strategy | None = None,
     seed: int = 0,
     jit_compile="auto",
+    backup_dir: str | None = None,
     verbose="auto",
     **recipe_options,
 ) -> keras.callbacks.History:
@@ -407,13 +416,21 @@ def fine_tune(
         strategy: the `tf.distribute.Strategy` the model was built under
             (`build_image_classifier(..., strategy=...)`); None: its own.
         seed: seed of the array shuffle.
-        jit_compile: passed to `compile`.
+        jit_compile: passed to `compile`: `"auto"` (XLA where Keras judges
+            it safe), True or False.
+        backup_dir: a folder for the training state, saved after every epoch
+            (see `keras_transfer.checkpoints`); when it holds the state of an
+            interrupted run of the same plan, training resumes from its last
+            finished epoch, in the right stage, with the optimizer's state.
+            Under a multi-worker strategy only the chief writes. None: no
+            backups.
         verbose: passed to `fit`.
         **recipe_options: options of the chosen recipe (`Recipe.options`).
 
     Returns:
         A `keras.callbacks.History` whose `history` merges all stages, with
-        a `"stage"` entry giving each epoch's stage (1 or 2).
+        a `"stage"` entry giving each epoch's stage (1 or 2); after a resume
+        it holds the epochs run before the interruption too.
 
     Example:
     >>> import numpy as np, keras_transfer as kt
@@ -449,21 +466,57 @@ def fine_tune(
     }
     # Everything is checked, and arrays become one shuffled pipeline, before stage 1.
     inputs = prepare_training(model, train, validation, strategy=strategy, seed=seed, **options)
-    histories = []
-    for stage in stages:
-        histories.append(
-            fit_stage(
-                model,
-                inputs.train,
-                inputs.validation,
-                stage,
-                initial_epoch=sum(len(history.epoch) for history in histories),
-                bn_policy=policy,
-                callbacks=callbacks,
-                strategy=inputs.strategy,
-                jit_compile=jit_compile,
-                verbose=verbose,
-                **options,
-            )
+    state = None
+    if backup_dir is not None:
+        state = load_state(backup_dir, stages, inputs.strategy)
+        state = state or TrainingState(plan=plan_key(stages))
+    histories = [] if state is None else [_as_history(h) for h in state.histories[: state.stage]]
+    trained = False
+    for index, stage in enumerate(stages):
+        if len(histories) > index:
+            continue  # finished before an interruption
+        stage_callbacks = list(callbacks or [])
+        done = 0
+        if state is not None:
+            if len(state.histories) <= index:
+                state.histories.append({})
+                state.stage, state.stage_epochs = index, 0
+            done = state.stage_epochs
+            if done >= stage.epochs:  # interrupted between its last epoch and its end
+                histories.append(_as_history(state.histories[index]))
+                state.stage, state.stage_epochs = index + 1, 0
+                continue
+            # Restore once, into the first stage this call runs.
+            resume = state.weights is not None and not trained
+            stage_callbacks.append(EpochCheckpoint(backup_dir, state, resume=resume))
+        history = fit_stage(
+            model,
+            inputs.train,
+            inputs.validation,
+            stage,
+            initial_epoch=sum(len(history.epoch) for history in histories),
+            completed_epochs=done,
+            bn_policy=policy,
+            callbacks=stage_callbacks,
+            strategy=inputs.strategy,
+            jit_compile=jit_compile,
+            verbose=verbose,
+            **options,
         )
+        trained = True
+        if state is not None:
+            history = _as_history(state.histories[index])
+            # The stage is over (early stopping may have restored its best weights).
+            state.stage, state.stage_epochs = index + 1, 0
+            save_state(model, backup_dir, state)
+        histories.append(history)
+    if state is not None and not trained and state.weights is not None:
+        restore_variables(model, backup_dir, state)  # every stage had finished
     return _merge(histories)
+
+
+def _as_history(values: dict) -> keras.callbacks.History:
+    history = keras.callbacks.History()
+    history.history = {key: list(v) for key, v in values.items()}
+    history.epoch = list(range(len(next(iter(values.values()), []))))
+    return history

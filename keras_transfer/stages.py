@@ -27,6 +27,7 @@ from keras_transfer.optimizers import (
 from keras_transfer.training import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PATIENCE,
+    check_number,
     compile_arguments,
     positive_number,
     prepare_training,
@@ -124,11 +125,11 @@ def stage_optimizer(
     """
     total_steps = max(steps * stage.epochs, 1)
     schedule = warmup_cosine(stage.learning_rate * lr_scale, total_steps, WARMUP_FRACTION)
+    # A fixed name: saved optimizer variables are found by path on resume.
+    options = {"learning_rate": schedule, "weight_decay": weight_decay, "name": "adamw"}
     if stage.discriminative:
-        return discriminative_optimizer(
-            model, "adamw", spread=lr_spread, learning_rate=schedule, weight_decay=weight_decay
-        )
-    return layerwise_optimizer("adamw", learning_rate=schedule, weight_decay=weight_decay)
+        return discriminative_optimizer(model, "adamw", spread=lr_spread, **options)
+    return layerwise_optimizer("adamw", **options)
 
 
 def stage_callbacks(
@@ -139,14 +140,14 @@ def stage_callbacks(
     bn_policy: str | None = None,
     callbacks: Sequence[keras.callbacks.Callback] | None = None,
 ) -> list[keras.callbacks.Callback]:
-    """The callbacks of one stage: the caller's, progressive unfreezing, early stopping.
+    """The callbacks of one stage: progressive unfreezing, the caller's, early stopping.
 
     Args:
         stage: the `Stage`.
         validation: the validation data (early stopping needs it).
         patience: early-stopping patience on `val_loss`; None: off.
         bn_policy: BatchNorm policy for blocks unfrozen during the stage.
-        callbacks: the caller's callbacks, first.
+        callbacks: the caller's callbacks (after progressive unfreezing).
 
     Returns:
         A new list of callbacks.
@@ -156,11 +157,14 @@ def stage_callbacks(
     >>> [type(c).__name__ for c in stage_callbacks(Stage("p", 2, 1e-3, progressive=True))]
     ['ProgressiveUnfreezing']
     """
-    result = list(callbacks or [])
+    # Unfreezing comes first: the callbacks after it see the stage's trainable
+    # variables and its optimizer built over every candidate.
+    result = []
     if stage.progressive:
         result.append(
             ProgressiveUnfreezing(1, lr_factor=PROGRESSIVE_LR_FACTOR, bn_policy=bn_policy)
         )
+    result.extend(callbacks or [])
     if validation is not None and patience is not None:
         result.append(
             keras.callbacks.EarlyStopping(
@@ -206,6 +210,7 @@ def fit_stage(
     stage: Stage | None = None,
     *,
     initial_epoch: int = 0,
+    completed_epochs: int = 0,
     loss=None,
     metrics=None,
     loss_weights=None,
@@ -233,6 +238,9 @@ def fit_stage(
         stage: the `Stage` to run.
         initial_epoch: epoch number the stage starts at (its history's epochs
             and the schedule of a progressive stage count from it).
+        completed_epochs: epochs of this stage already done (when resuming
+            an interrupted stage whose variables a callback restores): `fit`
+            runs the remaining `stage.epochs - completed_epochs`.
         loss: None (the default of each head's kind), a loss, or a dict by
             output name for several heads.
         metrics: None (defaults per head), a list, or a dict by output name.
@@ -267,6 +275,7 @@ def fit_stage(
     """
     if not isinstance(stage, Stage):
         raise TypeError(f"`stage` must be a Stage. Received: {type(stage).__name__}")
+    check_number("completed_epochs", completed_epochs, 0, stage.epochs, integer=True)
     inputs = prepare_training(
         model,
         train,
@@ -310,7 +319,7 @@ def fit_stage(
         inputs.train,
         validation_data=inputs.validation,
         epochs=initial_epoch + stage.epochs,
-        initial_epoch=initial_epoch,
+        initial_epoch=initial_epoch + completed_epochs,
         steps_per_epoch=steps_per_epoch,
         callbacks=stage_callbacks(
             stage,

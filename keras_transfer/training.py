@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_transfer.distribute import shard_by_data
 from keras_transfer.heads import (
     DEFAULT_LABEL_SMOOTHING,
     check_labels,
@@ -395,8 +396,10 @@ def prepare_training(
         )
     strategy = resolve_strategy(model, strategy)
     _global_batch(batch_size, strategy)
-    train = as_dataset(train, batch_size, seed=seed, name="train")
+    train = shard_by_data(as_dataset(train, batch_size, seed=seed, name="train"))
     validation = as_dataset(validation, batch_size, seed=seed, name="validation")
+    if validation is not None:
+        validation = shard_by_data(validation)
     compile_arguments(
         model,
         train.element_spec[1],
