@@ -244,9 +244,10 @@ def is_multi_worker(strategy: tf.distribute.Strategy | None) -> bool:
     >>> is_multi_worker(tf.distribute.get_strategy())
     False
     """
-    return isinstance(
-        strategy, tf.distribute.MultiWorkerMirroredStrategy
-    ) and strategy.extended._in_multi_worker_mode()
+    return (
+        isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        and strategy.extended._in_multi_worker_mode()
+    )
 
 
 def is_chief(strategy: tf.distribute.Strategy | None = None) -> bool:
@@ -394,9 +395,7 @@ def remove_multi_worker_fix() -> None:
     """
     if _ORIGINAL:
         _tf_trainer.reduce_per_replica = _ORIGINAL.pop("reduce_per_replica")
-        _tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _ORIGINAL.pop(
-            "_maybe_symbolic_build"
-        )
+        _tf_trainer.TensorFlowTrainer._maybe_symbolic_build = _ORIGINAL.pop("_maybe_symbolic_build")
 
 
 # At import: logical CPU devices must exist before TensorFlow starts its
