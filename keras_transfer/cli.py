@@ -29,6 +29,7 @@ import sys
 from absl import app, flags, logging
 
 from keras_transfer.builders import AUGMENTATIONS, MIXED_PRECISION
+from keras_transfer.distribute import COMMUNICATIONS, STRATEGIES
 from keras_transfer.recipes import list_recipes
 from keras_transfer.runs import TASKS
 
@@ -55,6 +56,20 @@ flags.DEFINE_enum(
     "Compute dtype policy: mixed_float16 (GPUs), mixed_bfloat16 (TPUs, recent CPUs).",
 )
 flags.DEFINE_integer("seed", 0, "Seed for splits and initialisation.")
+flags.DEFINE_string(
+    "strategy",
+    "auto",
+    f"tf.distribute strategy (train), one of {', '.join(STRATEGIES)}: auto (Mirrored on several GPUs, OneDevice on one), "
+    "one_device, mirrored, multi_worker (TF_CONFIG or --worker_hosts/--task_index), tpu.",
+)
+flags.DEFINE_list("worker_hosts", [], "multi_worker: every worker's host:port; the first is chief.")
+flags.DEFINE_integer("task_index", None, "multi_worker: this worker's index in --worker_hosts.")
+flags.DEFINE_enum(
+    "communication", "auto", list(COMMUNICATIONS), "multi_worker collectives: auto, ring, nccl."
+)
+flags.DEFINE_enum(
+    "jit_compile", "auto", ["auto", "true", "false"], "XLA-compile the train step (train)."
+)
 flags.DEFINE_string("model", None, "Run directory, .keras file, or imagenet:efficientnet_lite0.")
 flags.DEFINE_list("images", [], "Image files or folders (predict).")
 flags.DEFINE_integer("top", 3, "Labels shown per image (predict).")
@@ -64,7 +79,12 @@ flags.DEFINE_string("output", None, "Export folder saved_models/<name> (export, 
 flags.DEFINE_list("format", ["saved_model", "tflite"], "Export formats: saved_model, tflite.")
 flags.DEFINE_list("quantization", ["none"], "LiteRT modes: none, dynamic, float16, int8.")
 flags.DEFINE_integer("version", None, "SavedModel version (default: the next free one).")
-flags.DEFINE_boolean("overwrite", False, "Replace an existing SavedModel version.")
+flags.DEFINE_boolean(
+    "overwrite",
+    False,
+    "export: replace an existing SavedModel version. train: replace a finished run in "
+    "--output_dir, or discard an unfinished one started with other settings.",
+)
 flags.DEFINE_boolean("quick", False, "Shrink the demo to a smoke run (for tests).")
 
 flags.DEFINE_float(
@@ -104,6 +124,7 @@ def _int_list(name):
 
 
 def _train():
+    from keras_transfer.distribute import get_strategy
     from keras_transfer.runs import RunConfig, train_run
 
     epochs = _int_list("epochs")
@@ -130,9 +151,22 @@ def _train():
         augmentation=FLAGS.augmentation,
         sequence_length=FLAGS.sequence_length,
         mixed_precision=FLAGS.mixed_precision,
+        jit_compile={"true": True, "false": False}.get(FLAGS.jit_compile, "auto"),
         seed=FLAGS.seed,
     )
-    report = train_run(config)
+    # First: a multi-worker strategy must exist before TensorFlow runs anything.
+    strategy = get_strategy(
+        FLAGS.strategy,
+        worker_hosts=FLAGS.worker_hosts or None,
+        task_index=FLAGS.task_index,
+        communication=FLAGS.communication,
+    )
+    report = train_run(config, strategy=strategy, overwrite=FLAGS.overwrite)
+    if report.get("resumed"):
+        print(f"resumed the unfinished run of {config.output_dir}")
+    if "accuracy" not in report:
+        print(f"worker done ({report['epochs']} epochs); the chief writes {report['run_dir']}")
+        return
     if report["split_note"]:
         print(f"note: {report['split_note']}")
     print(

@@ -142,6 +142,14 @@ def get_strategy(
             "`worker_hosts` and `task_index` are for strategy 'multi_worker'. "
             f"Received: strategy={name!r}"
         )
+    if name == "multi_worker":
+        # Physical devices only: listing logical ones would start the runtime,
+        # and collective ops must be configured before it starts.
+        return _multi_worker(
+            worker_hosts, task_index, communication, tf.config.list_physical_devices("GPU")
+        )
+    if name == "tpu":
+        return _tpu(tpu)
     gpus = tf.config.list_logical_devices("GPU")
     if name == "auto":
         if len(gpus) > 1:
@@ -152,14 +160,10 @@ def get_strategy(
     if name == "one_device":
         device = devices[0] if devices else (gpus[0].name if gpus else "/cpu:0")
         return tf.distribute.OneDeviceStrategy(device)
-    if name == "mirrored":
-        if devices is None:
-            cpus = tf.config.list_logical_devices("CPU")
-            devices = [d.name for d in gpus] or [d.name for d in cpus]
-        return tf.distribute.MirroredStrategy(devices)
-    if name == "multi_worker":
-        return _multi_worker(worker_hosts, task_index, communication, gpus)
-    return _tpu(tpu)
+    if devices is None:
+        cpus = tf.config.list_logical_devices("CPU")
+        devices = [d.name for d in gpus] or [d.name for d in cpus]
+    return tf.distribute.MirroredStrategy(devices)
 
 
 def _multi_worker(worker_hosts, task_index, communication, gpus):
@@ -174,6 +178,11 @@ def _multi_worker(worker_hosts, task_index, communication, gpus):
     }[communication]
     options = tf.distribute.experimental.CommunicationOptions(implementation=implementation)
     resolver = None
+    if task_index is not None and not worker_hosts:
+        raise ValueError(
+            "`task_index` (--task_index) goes with `worker_hosts` (--worker_hosts); with "
+            f"TF_CONFIG the task comes from TF_CONFIG. Received: task_index={task_index!r}"
+        )
     if worker_hosts:
         hosts = worker_hosts.split(",") if isinstance(worker_hosts, str) else list(worker_hosts)
         hosts = [host.strip() for host in hosts if host.strip()]
@@ -198,9 +207,15 @@ def _multi_worker(worker_hosts, task_index, communication, gpus):
             "'Training on GPUs and clusters') or pass worker_hosts= and task_index= "
             "(--worker_hosts=host1:port,host2:port --task_index=N)."
         )
-    return tf.distribute.MultiWorkerMirroredStrategy(
-        cluster_resolver=resolver, communication_options=options
-    )
+    try:
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            cluster_resolver=resolver, communication_options=options
+        )
+    except RuntimeError as error:
+        raise RuntimeError(
+            f"{error}: make the 'multi_worker' strategy first, before any TensorFlow "
+            "operation runs (before building models or datasets)."
+        ) from None
 
 
 def _tf_config_cluster() -> dict:

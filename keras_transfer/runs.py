@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
+import shutil
+import tempfile
 import time
 import zipfile
 
@@ -38,6 +39,7 @@ from keras_transfer.builders import (
     build_image_classifier,
     build_text_classifier,
 )
+from keras_transfer.checkpoints import STATE_FILE
 from keras_transfer.data import (
     DatasetSplits,
     image_folder_dataset,
@@ -45,6 +47,7 @@ from keras_transfer.data import (
     load_wordnet_nouns,
     text_dataset,
 )
+from keras_transfer.distribute import is_chief, is_multi_worker
 from keras_transfer.evaluation import evaluate_classifier
 from keras_transfer.export import export_model, export_options
 from keras_transfer.plots import plot_confusion_matrix, plot_training_curves
@@ -59,9 +62,12 @@ EVALUATION_FILE = "evaluation.json"
 # Text runs split the labelled glosses 60/10/30 (train/validation/test).
 TEXT_VALIDATION_SPLIT = 0.1
 TEXT_TEST_SPLIT = 0.3
-# A run is built in `<parent>/.partial-<name>-<8 hex digits>` and renamed to `<name>`.
+# A run is built in `<parent>/.partial-<name>` (the same command finds it again
+# to resume), its training state in `checkpoint/`; the completion marker is
+# written last, then the folder is renamed to `<name>`.
 _PARTIAL_PREFIX = ".partial-"
-_PARTIAL_SUFFIX = re.compile(r"[0-9a-f]{8}")
+CHECKPOINT_DIR = "checkpoint"
+COMPLETE_FILE = "run_complete.json"
 
 
 @dataclasses.dataclass
@@ -94,6 +100,8 @@ class RunConfig:
         patience: early-stopping patience on validation loss (None: off).
         sequence_length: tokens per text (text task).
         mixed_precision: `"mixed_float16"`, `"mixed_bfloat16"` or None.
+        jit_compile: XLA compilation of the train step: `"auto"`, True or
+            False (passed to `compile`).
         seed: seed for splits and initialisation.
 
     Every value is checked when the config is made; choices come from the
@@ -128,6 +136,7 @@ class RunConfig:
     patience: int | None = 3
     sequence_length: int = 64
     mixed_precision: str | None = None
+    jit_compile: bool | str = "auto"
     seed: int = 0
 
     def __post_init__(self):
@@ -136,6 +145,7 @@ class RunConfig:
         _choice("augmentation", self.augmentation, AUGMENTATIONS)
         _choice("bn_policy", self.bn_policy, (None, *BN_POLICIES))
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _choice("jit_compile", self.jit_compile, JIT_COMPILE)
         epochs = self.epochs if isinstance(self.epochs, (tuple, list)) else (self.epochs,)
         if not epochs or not all(
             isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in epochs
@@ -165,6 +175,7 @@ class RunConfig:
 
 
 TASKS = ("image", "text")
+JIT_COMPILE = ("auto", True, False)
 TEXT_DATA = ("wordnet_nouns",)
 
 
@@ -327,41 +338,123 @@ def _build_model(config: RunConfig, num_classes: int, weights, strategy):
     )
 
 
-def _unfinished_runs(output_dir: str) -> list[str]:
-    parent, name = os.path.split(output_dir)
-    prefix = f"{_PARTIAL_PREFIX}{name}-"
-    if not os.path.isdir(parent):
-        return []
-    return sorted(
-        os.path.join(parent, entry)
-        for entry in os.listdir(parent)
-        if entry.startswith(prefix) and _PARTIAL_SUFFIX.fullmatch(entry[len(prefix) :])
-    )
+def staging_folder(output_dir: str) -> str:
+    """Where an unfinished run of `output_dir` lives: `<parent>/.partial-<name>`.
+
+    Args:
+        output_dir: the run directory.
+
+    Returns:
+        The staging folder's path (the same for the same `output_dir`).
+
+    Example:
+
+    >>> staging_folder("/runs/flowers")
+    '/runs/.partial-flowers'
+    """
+    parent, name = os.path.split(os.path.abspath(output_dir))
+    return os.path.join(parent, f"{_PARTIAL_PREFIX}{name}")
 
 
-def train_run(config: RunConfig, *, strategy=None, verbose: int | str = "auto") -> dict:
+def is_finished_run(path: str) -> bool:
+    """Whether `path` is a run directory that `train_run` finished (its marker is there).
+
+    Args:
+        path: a folder.
+
+    Returns:
+        True when the completion marker, written last, exists.
+
+    Example:
+
+    >>> is_finished_run("/no/such/run")
+    False
+    """
+    return os.path.isfile(os.path.join(path, COMPLETE_FILE))
+
+
+def _settings(config: RunConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _check_output_dir(config: RunConfig, output_dir: str, overwrite: bool) -> None:
+    if not os.path.exists(output_dir):
+        return
+    if not is_finished_run(output_dir):
+        raise FileExistsError(
+            f"--output_dir={config.output_dir!r} exists and is not a finished run of "
+            "keras-transfer (no run_complete.json), so it is left alone: choose another "
+            "--output_dir."
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"--output_dir={config.output_dir!r} holds a finished run: pass --overwrite "
+            "(overwrite=True) to replace it, or choose another --output_dir."
+        )
+
+
+def _resumable(config: RunConfig, folder: str, overwrite: bool) -> bool:
+    """Whether to resume the unfinished run in `folder` (else it is started afresh)."""
+    if not os.path.isdir(folder):
+        return False
+    saved = os.path.join(folder, CONFIG_FILE)
+    if overwrite or not os.path.isfile(saved):
+        shutil.rmtree(folder)  # discarded on request, or killed before it began
+        return False
+    with open(saved, encoding="utf-8") as f:
+        before = json.load(f)
+    if before != _settings(config):
+        changed = sorted(
+            k
+            for k in before.keys() | _settings(config).keys()
+            if before.get(k) != _settings(config).get(k)
+        )
+        raise FileExistsError(
+            f"An unfinished run of --output_dir={config.output_dir!r} with other settings "
+            f"({', '.join(changed)}) is in {folder!r}: run the command that started it "
+            "to resume it, or pass --overwrite to discard it."
+        )
+    return True
+
+
+def train_run(
+    config: RunConfig,
+    *,
+    strategy=None,
+    overwrite: bool = False,
+    verbose: int | str = "auto",
+) -> dict:
     """Trains, evaluates and writes a run directory; returns the evaluation report.
 
-    The directory is built in a hidden folder beside `output_dir`
-    (`.partial-<name>-<random>`) and renamed into place at the end, so a
-    failed run leaves nothing behind (parent folders it created included).
-    A run killed outright leaves its hidden folder: a new run into the same
-    `output_dir` then refuses to start and names it. The figures are measured
-    on the test split; where the data is too small to hold one out they come
-    from the validation split, and `report["split"]` and the report say so.
+    The run is built in `<parent>/.partial-<name>` beside `output_dir`, with
+    its training state saved after every epoch; a completion marker
+    (`run_complete.json`) is written last and the folder renamed into place.
+    A run killed at any point is resumed by the same call (same settings):
+    from its last finished epoch, in the right stage, with the optimizer's
+    state. A run that fails before finishing an epoch leaves nothing behind
+    (parent folders it created included). The figures are measured on the
+    test split; where the data is too small to hold one out they come from
+    the validation split, and `report["split"]` and the report say so.
 
     Args:
         config: a `RunConfig`.
         strategy: a `tf.distribute.Strategy` to build and train under (None:
-            the current one); `config.batch_size` is the global batch.
+            the current one); `config.batch_size` is the global batch. Under
+            a multi-worker strategy every worker calls `train_run`; only the
+            chief writes.
+        overwrite: replace a finished run in `output_dir`, or discard an
+            unfinished one with other settings.
         verbose: Keras `fit` verbosity (progress bars with "auto" or 1).
 
     Returns:
         The evaluation report (see `evaluate_classifier`), plus `split`,
-        `run_dir` and `train_seconds`.
+        `run_dir`, `train_seconds` and `resumed` (on workers other than the
+        chief: `run_dir` and `resumed` only).
 
     Raises:
-        FileExistsError: `output_dir` exists, or an unfinished run of it does.
+        FileExistsError: `output_dir` holds a finished run (without
+            `overwrite`) or something else, or an unfinished run of it has
+            other settings.
         PermissionError: `output_dir` cannot be written.
 
     Example:
@@ -375,32 +468,56 @@ def train_run(config: RunConfig, *, strategy=None, verbose: int | str = "auto") 
     (['config.json', 'confusion.png', 'curves.png', 'evaluation.json'], 'test')
     """
     output_dir = os.path.abspath(config.output_dir)
-    if os.path.exists(output_dir):
-        raise FileExistsError(
-            f"Run directory already exists; choose another --output_dir. "
-            f"Received: output_dir={config.output_dir!r}"
+    if not is_chief(strategy):
+        return _train_as_worker(config, strategy, verbose)
+    _check_output_dir(config, output_dir, overwrite)
+    folder = staging_folder(output_dir)
+    resumed = _resumable(config, folder, overwrite)
+    created = []
+    if not resumed:
+        created = staging.writable_folder(os.path.dirname(output_dir), "a run directory")
+        os.mkdir(folder)
+        staging.write_atomic(
+            os.path.join(folder, CONFIG_FILE), json.dumps(_settings(config), indent=2)
         )
-    unfinished = _unfinished_runs(output_dir)
-    if unfinished:
-        raise FileExistsError(
-            f"An unfinished run of --output_dir={config.output_dir!r} is in {unfinished[0]!r} "
-            "(a train that was killed before it finished). Delete it, or choose another "
-            "--output_dir."
-        )
-    parent, name = os.path.split(output_dir)
-    created = staging.writable_folder(parent, "a run directory")
-    run_staging = staging.make_staging_folder(parent, f"{_PARTIAL_PREFIX}{name}-")
     try:
-        report = _train_into(config, run_staging, strategy, verbose)
-        os.replace(run_staging, output_dir)
+        report = _train_into(config, folder, strategy, verbose)
+        staging.write_atomic(
+            os.path.join(folder, COMPLETE_FILE),
+            json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}),
+        )
+        _move_into_place(folder, output_dir)
     except BaseException:
-        staging.discard(run_staging, created)
+        if not os.path.isfile(os.path.join(folder, CHECKPOINT_DIR, STATE_FILE)):
+            staging.discard(folder, created)  # nothing worth resuming
         raise
-    report.update({"run_dir": config.output_dir})
+    report.update({"run_dir": config.output_dir, "resumed": resumed})
     return report
 
 
-def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
+def _move_into_place(folder: str, output_dir: str) -> None:
+    shutil.rmtree(os.path.join(folder, CHECKPOINT_DIR), ignore_errors=True)
+    if not os.path.exists(output_dir):
+        os.replace(folder, output_dir)
+        return
+    # Replacing a finished run (overwrite): swap, then delete the old one.
+    parent, name = os.path.split(output_dir)
+    old = os.path.join(parent, f".replaced-{name}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(output_dir, old)
+    os.replace(folder, output_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _train_as_worker(config: RunConfig, strategy, verbose) -> dict:
+    """A worker other than the chief: trains in step with it, writes nothing."""
+    with tempfile.TemporaryDirectory() as folder:
+        splits, model = _data_and_model(config, strategy)
+        history = _fine_tune_run(config, model, splits, folder, strategy, verbose)
+    return {"run_dir": config.output_dir, "epochs": len(history.epoch)}
+
+
+def _data_and_model(config: RunConfig, strategy):
     keras.utils.set_random_seed(config.seed)
     weights = None if str(config.weights).lower() in ("none", "random") else config.weights
     splits = load_run_splits(config)
@@ -409,10 +526,12 @@ def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
             f"A classifier needs at least 2 classes; {config.data!r} has "
             f"{splits.num_classes}: {splits.class_names}. Add one subfolder per class."
         )
-    model = _build_model(config, splits.num_classes, weights, strategy)
+    return splits, _build_model(config, splits.num_classes, weights, strategy)
+
+
+def _fine_tune_run(config: RunConfig, model, splits, folder: str, strategy, verbose):
     epochs = tuple(config.epochs) if isinstance(config.epochs, list) else config.epochs
-    start = time.perf_counter()
-    history = fine_tune(
+    return fine_tune(
         model,
         splits.train,
         splits.validation,
@@ -426,19 +545,29 @@ def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
         batch_size=config.batch_size,
         seed=config.seed,
         strategy=strategy,
+        jit_compile=config.jit_compile,
         callbacks=[keras.callbacks.TensorBoard(os.path.join(folder, "logs"))],
+        backup_dir=os.path.join(folder, CHECKPOINT_DIR),
         verbose=verbose,
     )
+
+
+def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
+    splits, model = _data_and_model(config, strategy)
+    start = time.perf_counter()
+    history = _fine_tune_run(config, model, splits, folder, strategy, verbose)
     train_seconds = time.perf_counter() - start
+    model_path = os.path.join(folder, MODEL_FILE)
+    model.save(model_path)
+    if is_multi_worker(strategy):
+        # Evaluated here alone: a copy outside the strategy needs no other worker.
+        model = keras.models.load_model(model_path)
     split, dataset, note = held_out_split(splits)
     evaluation = evaluate_classifier(model, dataset, splits.class_names)
     evaluation.update({"split": split, "split_note": note})
-    model.save(os.path.join(folder, MODEL_FILE))
     with open(os.path.join(folder, LABELS_FILE), "w", encoding="utf-8") as f:
         f.write("\n".join(splits.class_names) + "\n")
-    settings = dataclasses.asdict(config)
-    with open(os.path.join(folder, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=2)
+    settings = _settings(config)
     with open(os.path.join(folder, EVALUATION_FILE), "w", encoding="utf-8") as f:
         json.dump(evaluation, f, indent=2)
     save_history_json(history.history, os.path.join(folder, "history.json"))
