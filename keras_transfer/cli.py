@@ -49,6 +49,7 @@ flags.DEFINE_integer("max_per_class", None, "Use at most this many training imag
 flags.DEFINE_integer("max_test_per_class", None, "Use at most this many test images per class.")
 flags.DEFINE_string("unfreeze_blocks", "all", "Blocks unfrozen in stage 2: an int or 'all'.")
 flags.DEFINE_enum("augmentation", "none", list(AUGMENTATIONS), "Augmentation.")
+flags.DEFINE_float("dropout", None, "Dropout before the head (default 0.2 images, 0.1 text).")
 flags.DEFINE_enum(
     "mixed_precision",
     None,
@@ -149,6 +150,7 @@ def _train():
         test_split=FLAGS.test_split,
         unfreeze_blocks=int(blocks) if blocks.isdigit() else blocks,
         augmentation=FLAGS.augmentation,
+        dropout=FLAGS.dropout,
         sequence_length=FLAGS.sequence_length,
         mixed_precision=FLAGS.mixed_precision,
         jit_compile={"true": True, "false": False}.get(FLAGS.jit_compile, "auto"),

@@ -113,6 +113,14 @@ def _per_class(matrix, class_names):
     return rows, macro
 
 
+def _predict_on_batch(model, batch) -> np.ndarray:
+    if model.distribute_strategy.num_replicas_in_sync > 1:
+        # Keras 3.15's predict_on_batch under a strategy with several replicas
+        # runs the whole batch on each and concatenates the copies.
+        return np.asarray(model(batch, training=False))
+    return np.asarray(model.predict_on_batch(batch))
+
+
 def _predicted_classes(outputs):
     if outputs.ndim == 1 or outputs.shape[-1] == 1:
         return (outputs.reshape(-1) >= BINARY_THRESHOLD).astype(np.int64)
@@ -153,12 +161,12 @@ def _num_classes(model):
 
 
 def _measure_latency(model, batch, repeats):
-    model.predict_on_batch(batch)  # warm-up: traces the predict function
+    _predict_on_batch(model, batch)  # warm-up: traces the predict function
     times_ms = []
     for _ in range(repeats):
         start = time.perf_counter()
         # predict_on_batch returns numpy, so the timing includes the device sync.
-        model.predict_on_batch(batch)
+        _predict_on_batch(model, batch)
         times_ms.append((time.perf_counter() - start) * 1000.0)
     # Inputs may be a dict of tensors (several model inputs).
     batch_size = int(tf.nest.flatten(batch)[0].shape[0])
@@ -252,7 +260,7 @@ def evaluate_classifier(
         images, batch_labels = element
         if first_images is None:
             first_images = images
-        outputs = np.asarray(model.predict_on_batch(images))
+        outputs = _predict_on_batch(model, images)
         output_classes = _output_classes(outputs.shape[-1] if outputs.ndim > 1 else 1)
         if num_classes is None:
             num_classes = output_classes

@@ -94,6 +94,8 @@ class RunConfig:
             folders and digits, 0.3 for text).
         unfreeze_blocks: blocks unfrozen in stage 2 (int or "all").
         augmentation: augmentation preset.
+        dropout: dropout before the head, in [0, 1) (None: the builder's
+            default, 0.2 for images, 0.1 for text).
         bn_policy: BatchNorm policy when unfreezing (None: frozen).
         lr_spread: head LR / stem LR when the backbone trains (1: uniform).
         backbone_kwargs: extra backbone constructor arguments.
@@ -130,6 +132,7 @@ class RunConfig:
     test_split: float | None = None
     unfreeze_blocks: int | str = "all"
     augmentation: str = "none"
+    dropout: float | None = None
     bn_policy: str | None = None
     lr_spread: float = 100.0
     backbone_kwargs: dict = dataclasses.field(default_factory=dict)
@@ -163,6 +166,7 @@ class RunConfig:
         for name in ("max_per_class", "max_test_per_class"):
             check_number(name, getattr(self, name), 1, optional=True, integer=True)
         check_number("test_split", self.test_split, 0, 1, optional=True)
+        check_number("dropout", self.dropout, 0, 1, optional=True)
         check_number("lr_spread", self.lr_spread, 1)
         check_number("patience", self.patience, 0, optional=True, integer=True)
         check_number("seed", self.seed, 0, integer=True)
@@ -318,6 +322,8 @@ def held_out_split(splits: DatasetSplits) -> tuple[str, object, str | None]:
 
 def _build_model(config: RunConfig, num_classes: int, weights, strategy):
     common = {"strategy": strategy, "mixed_precision": config.mixed_precision}
+    if config.dropout is not None:
+        common["dropout"] = config.dropout
     if config.task == "text":
         return build_text_classifier(
             config.backbone,

@@ -190,12 +190,27 @@ def test_bare_keras_file_needs_data_for_int8(trained, tmp_path):
     assert_user_error(result, "int8 needs training images", "--data=")
 
 
-def test_a_killed_run_is_reported(trained, tmp_path):
+def test_run_directories_are_never_confused(trained, tmp_path):
     root, data, run, _ = trained
-    (tmp_path / ".partial-run-0123abcd").mkdir()
+    assert (run / "run_complete.json").is_file()
+    # A finished run is replaced only on request.
+    shutil.copytree(run, tmp_path / "run")
     result = run_cli("train", f"--data={data}", "--output_dir=run", *TINY_TRAIN, cwd=tmp_path)
-    assert_user_error(result, "unfinished run", ".partial-run-0123abcd")
-    assert not (tmp_path / "run").exists()
+    assert_user_error(result, "holds a finished run", "--overwrite")
+    # A folder this tool did not finish is never overwritten.
+    (tmp_path / "other").mkdir()
+    result = run_cli(
+        "train", f"--data={data}", "--output_dir=other", "--overwrite", *TINY_TRAIN, cwd=tmp_path
+    )
+    assert_user_error(result, "is not a finished run", "'other'")
+    # An unfinished run started with other settings is named, with the way out.
+    partial = tmp_path / ".partial-new"
+    partial.mkdir()
+    settings = json.loads((run / "config.json").read_text())
+    (partial / "config.json").write_text(json.dumps({**settings, "learning_rate": 0.5}))
+    result = run_cli("train", f"--data={data}", "--output_dir=new", *TINY_TRAIN, cwd=tmp_path)
+    assert_user_error(result, "with other settings (", "learning_rate", str(partial), "--overwrite")
+    assert sorted(os.listdir(tmp_path)) == [".partial-new", "other", "run"]
 
 
 def test_a_failed_run_removes_the_folders_it_created(tmp_path):
