@@ -6,7 +6,9 @@ starts two worker processes on 127.0.0.1 (TF_CONFIG set for each), which
 fine-tune a small MobileNetV3 (random initialisation, so it runs offline) on
 the scikit-learn digits, two-stage for 1+1 epochs; the chief saves the
 training state in `runs/multi_worker.backup`. Run it again after killing it
-and it resumes. On real hosts, run the worker part with your own TF_CONFIG.
+and it resumes. With random weights and a frozen backbone in stage 1 the loss
+hardly moves: it shows the mechanics (both workers print the same history);
+use `weights="imagenet"` for a model worth keeping. On real hosts, run the worker part with your own TF_CONFIG.
 """
 
 import json
