@@ -409,11 +409,10 @@ def _resumable(config: RunConfig, folder: str, overwrite: bool) -> bool:
         return False
     with open(saved, encoding="utf-8") as f:
         before = json.load(f)
-    if before != _settings(config):
+    settings = _settings(config)
+    if before != settings:
         changed = sorted(
-            k
-            for k in before.keys() | _settings(config).keys()
-            if before.get(k) != _settings(config).get(k)
+            k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k)
         )
         raise FileExistsError(
             f"An unfinished run of --output_dir={config.output_dir!r} with other settings "
@@ -492,27 +491,15 @@ def train_run(
             os.path.join(folder, COMPLETE_FILE),
             json.dumps({"finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")}),
         )
-        _move_into_place(folder, output_dir)
+        shutil.rmtree(os.path.join(folder, CHECKPOINT_DIR), ignore_errors=True)
+        # A finished run in the way (overwrite) is swapped out, then deleted.
+        staging.move_into_place(folder, output_dir, f"{_PARTIAL_PREFIX}old-")
     except BaseException:
         if not os.path.isfile(os.path.join(folder, CHECKPOINT_DIR, STATE_FILE)):
             staging.discard(folder, created)  # nothing worth resuming
         raise
     report.update({"run_dir": config.output_dir, "resumed": resumed})
     return report
-
-
-def _move_into_place(folder: str, output_dir: str) -> None:
-    shutil.rmtree(os.path.join(folder, CHECKPOINT_DIR), ignore_errors=True)
-    if not os.path.exists(output_dir):
-        os.replace(folder, output_dir)
-        return
-    # Replacing a finished run (overwrite): swap, then delete the old one.
-    parent, name = os.path.split(output_dir)
-    old = os.path.join(parent, f".replaced-{name}")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(output_dir, old)
-    os.replace(folder, output_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _train_as_worker(config: RunConfig, strategy, verbose) -> dict:

@@ -151,6 +151,39 @@ def discard(folder: str, created: list[str] = ()) -> None:
     remove_empty(list(created))
 
 
+def move_into_place(folder: str, target: str, prefix: str = ".tmp-old-") -> None:
+    """Renames a finished staging folder to `target`, replacing what is there.
+
+    An existing `target` is first renamed into a hidden folder beside it
+    (`prefix` + random), then deleted, so `target` is never half-written.
+
+    Args:
+        folder: the staging folder, complete.
+        target: its final path.
+        prefix: start of the hidden folder that briefly holds the old `target`.
+
+    Returns:
+        None.
+
+    Example:
+
+    >>> import tempfile
+    >>> root = tempfile.mkdtemp()
+    >>> os.mkdir(f"{root}/run"); os.mkdir(f"{root}/.partial-run")
+    >>> write_atomic(f"{root}/.partial-run/new", "x")
+    >>> move_into_place(f"{root}/.partial-run", f"{root}/run")
+    >>> os.listdir(root), os.listdir(f"{root}/run")
+    (['run'], ['new'])
+    """
+    if not os.path.exists(target):
+        os.rename(folder, target)
+        return
+    old = make_staging_folder(os.path.dirname(target), prefix)
+    os.rename(target, os.path.join(old, os.path.basename(target)))
+    os.rename(folder, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_atomic(path: str, data: bytes | str) -> None:
     """Writes a file beside `path` and renames it into place, so readers never see half.
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Sequence
 
@@ -159,23 +158,13 @@ def saved_model(
         signatures.mark_classify_signature(staging)
         if warmup:
             _write_warmup(warmup, os.path.join(staging, WARMUP_FILE))
-        _move_into_place(staging, target)
+        staging_lib.move_into_place(staging, target, f"{_STAGING_PREFIX}old-")
     except BaseException:
         staging_lib.discard(staging, created)
         raise
     if models_config:
         write_models_config(os.path.dirname(base), serving_base_path=serving_base_path)
     return target
-
-
-def _move_into_place(staging: str, target: str) -> None:
-    if not os.path.exists(target):
-        os.rename(staging, target)
-        return
-    old = staging_lib.make_staging_folder(os.path.dirname(target), f"{_STAGING_PREFIX}old-")
-    os.rename(target, os.path.join(old, "version"))
-    os.rename(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _serving_apis():
