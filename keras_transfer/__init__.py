@@ -14,7 +14,7 @@ if _startup.is_command():
 
 # `distribute` first: it sets up logical CPU devices before TensorFlow starts.
 from keras_transfer import distribute  # isort: skip
-from keras_transfer import checkpoints, data, export, runs, serving, stages, training
+from keras_transfer import checkpoints, data, export, runs, serving, stages, techniques, training
 from keras_transfer.backbones import (
     PREPROCESSING_MODES,
     BackboneSpec,
@@ -65,6 +65,7 @@ from keras_transfer.recipes import (
 from keras_transfer.reports import save_history_json, write_run_report
 from keras_transfer.runs import RunConfig, train_run
 from keras_transfer.stages import Stage, fit_stage
+from keras_transfer.techniques import lora
 
 __version__ = "0.1.0"
 
@@ -108,6 +109,7 @@ __all__ = [
     "layerwise_optimizer",
     "list_backbones",
     "list_recipes",
+    "lora",
     "lr_find",
     "make_augmentation",
     "make_head",
@@ -121,6 +123,7 @@ __all__ = [
     "save_history_json",
     "serving",
     "stages",
+    "techniques",
     "train_run",
     "training",
     "trainable_summary",

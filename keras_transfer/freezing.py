@@ -205,7 +205,8 @@ def trainable_summary(model: keras.Model, print_fn=print) -> list[dict]:
     """Counts trainable and frozen parameters per backbone block and for the head.
 
     BatchNorm moving statistics are never trainable, so they always count as
-    frozen.
+    frozen. LoRA adapters count in the block of the layer they adapt. The
+    printed table ends with the trainable fraction of all parameters.
 
     Args:
         model: a model with a `"backbone"` layer.
@@ -256,4 +257,6 @@ def trainable_summary(model: keras.Model, print_fn=print) -> list[dict]:
         total_t = sum(row["trainable"] for row in rows)
         total_f = sum(row["frozen"] for row in rows)
         print_fn(f"{'total':<{width}}  {total_t:>12,}  {total_f:>12,}")
+        share = 100 * total_t / max(total_t + total_f, 1)
+        print_fn(f"trainable fraction: {share:.2f}%")
     return rows

