@@ -8,6 +8,9 @@ Usage:
   keras-transfer train --data=DATA --output_dir=DIR [--backbone=...] [--recipe=...]
       DATA: fashion_mnist | digits | tfds:<name> | an image folder (one
       subfolder per class). Writes a run directory (model, report, plots).
+      With --task=text --backbone=minilm: wordnet_nouns | a .csv, .tsv or
+      .jsonl file (--text_column, --label_column) | a folder of per-class
+      subfolders of .txt files.
   keras-transfer evaluate --model=RUN_DIR_OR_KERAS --data=DATA
   keras-transfer predict --model=RUN_DIR_OR_KERAS --images=FILE_OR_FOLDER[,...]
       --model=imagenet:efficientnet_lite0 uses the 1000-class ImageNet model.
@@ -37,7 +40,12 @@ FLAGS = flags.FLAGS
 COMMANDS = ("train", "evaluate", "predict", "export", "demo")
 
 flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone name (see list_backbones()).")
-flags.DEFINE_string("data", "fashion_mnist", "Dataset name, tfds:<name>, or image folder.")
+flags.DEFINE_string(
+    "data",
+    "fashion_mnist",
+    "Dataset name, tfds:<name>, or image folder; text (--task=text): wordnet_nouns, a "
+    ".csv/.tsv/.jsonl file, or a folder of per-class .txt files.",
+)
 flags.DEFINE_string("output_dir", None, "Run directory to create (train, demo).")
 flags.DEFINE_enum("weights", "imagenet", ["imagenet", "none"], "Backbone initialisation.")
 flags.DEFINE_enum("recipe", "two_stage", list(list_recipes()), "Fine-tuning recipe.")
@@ -76,6 +84,8 @@ flags.DEFINE_list("images", [], "Image files or folders (predict).")
 flags.DEFINE_integer("top", 3, "Labels shown per image (predict).")
 flags.DEFINE_enum("task", "image", list(TASKS), "image, or text (KerasHub backbone, e.g. minilm).")
 flags.DEFINE_integer("sequence_length", 64, "Tokens per text (text task).")
+flags.DEFINE_string("text_column", "text", "Text column (JSON key) of a --data file (text task).")
+flags.DEFINE_string("label_column", "label", "Label column (JSON key) of a --data file (text).")
 flags.DEFINE_string("output", None, "Export folder saved_models/<name> (export, demo).")
 flags.DEFINE_list("format", ["saved_model", "tflite"], "Export formats: saved_model, tflite.")
 flags.DEFINE_list("quantization", ["none"], "LiteRT modes: none, dynamic, float16, int8.")
@@ -152,6 +162,8 @@ def _train():
         augmentation=FLAGS.augmentation,
         dropout=FLAGS.dropout,
         sequence_length=FLAGS.sequence_length,
+        text_column=FLAGS.text_column,
+        label_column=FLAGS.label_column,
         mixed_precision=FLAGS.mixed_precision,
         jit_compile={"true": True, "false": False}.get(FLAGS.jit_compile, "auto"),
         seed=FLAGS.seed,

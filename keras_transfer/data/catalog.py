@@ -1,11 +1,14 @@
-"""Named image datasets: Fashion-MNIST, scikit-learn digits, TFDS, folders.
+"""Named datasets and folders: Fashion-MNIST, digits, TFDS, image folders, text.
 
-Fashion-MNIST and digits load offline from files that Debian and PyPI
-packages install (see OFFLINE_ASSETS.md); `"tfds:<name>"` downloads.
+Fashion-MNIST, digits and WordNet load offline from files that Debian and
+PyPI packages install (see OFFLINE_ASSETS.md); `"tfds:<name>"` downloads.
+Text sources (WordNet, CSV/TSV/JSONL files, folders of `.txt` files) are
+tokenised by the caller's KerasHub preprocessor.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 from collections.abc import Sequence
@@ -27,8 +30,20 @@ from keras_transfer.data.splits import (
     validate_max,
     validate_split_options,
 )
+from keras_transfer.data.text import load_wordnet_nouns, text_dataset
+from keras_transfer.data.text_files import (
+    TEXT_FILE_EXTENSIONS,
+    TEXT_FOLDER_EXTENSION,
+    is_text_folder,
+    load_text_files,
+)
 
 DATASET_NAMES = ("digits", "fashion_mnist")
+TEXT_DATASET_NAMES = ("wordnet_nouns",)
+_TEXT_SOURCES = (
+    f"{TEXT_DATASET_NAMES[0]!r}, a {'/'.join(TEXT_FILE_EXTENSIONS)} file or a folder of "
+    f"class subfolders of {TEXT_FOLDER_EXTENSION} files"
+)
 TFDS_PREFIX = "tfds:"
 # Debian package `dataset-fashion-mnist` installs the four standard IDX files here.
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -53,8 +68,8 @@ FASHION_MNIST_CLASSES = (
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 # scikit-learn's digits hold integers in 0..16 (`load_digits().DESCR`).
 _DIGITS_MAX_VALUE = 16
-# Digits and image folders have no official test split: hold out the usual 20%
-# of each class (seeded, stratified).
+# Digits, image folders and text have no official test split: hold out the
+# usual 20% of each class (seeded, stratified).
 DIGITS_TEST_SPLIT = 0.2
 FOLDER_TEST_SPLIT = 0.2
 # Sources with an official test set take no `test_split`.
@@ -201,6 +216,75 @@ def _load_tfds(name, *, image_size, batch_size, validation_split, seed, data_dir
 _LOADERS = {"digits": _load_digits, "fashion_mnist": _load_fashion_mnist}
 
 
+def _is_text_source(path):
+    return (
+        path in TEXT_DATASET_NAMES
+        or path.lower().endswith(TEXT_FILE_EXTENSIONS)
+        or is_text_folder(path)
+    )
+
+
+def _load_text(
+    path,
+    preprocessor,
+    *,
+    text_column,
+    label_column,
+    batch_size,
+    validation_split,
+    seed,
+    max_per_class,
+    test_split,
+    **kwargs,
+):
+    if preprocessor is None:
+        raise ValueError(
+            f"{path!r} is text data: pass `preprocessor=` (a KerasHub TextClassifierPreprocessor, "
+            "e.g. `kt.backbones.kerashub.text_preprocessor('minilm')`; --task=text on the "
+            "command line)."
+        )
+    if path in _LOADERS or path.startswith(TFDS_PREFIX):
+        raise ValueError(
+            f"`preprocessor` is for text data: {_TEXT_SOURCES}. Received: {path!r}, which is "
+            "image data (--task=image on the command line)."
+        )
+    if os.path.isdir(path) and not is_text_folder(path):
+        raise ValueError(
+            f"`preprocessor` is for text data: {_TEXT_SOURCES}. Received: {path!r}, a folder "
+            f"whose class subfolders hold images or no {TEXT_FOLDER_EXTENSION} files."
+        )
+    test_split = FOLDER_TEST_SPLIT if test_split is None else test_split
+    validate_split_options(batch_size, validation_split, test_split)
+    problems = []
+    if path in TEXT_DATASET_NAMES:
+        texts, labels, names = load_wordnet_nouns(max_per_class=max_per_class, seed=seed, **kwargs)
+    elif os.path.exists(path) or path.lower().endswith(TEXT_FILE_EXTENSIONS) or os.sep in path:
+        texts, labels, names, problems = load_text_files(
+            path,
+            text_column=text_column,
+            label_column=label_column,
+            max_per_class=max_per_class,
+            seed=seed,
+            **kwargs,
+        )
+    else:
+        raise ValueError(
+            f"Unknown text dataset {path!r}: give {_TEXT_SOURCES}."
+            f"{suggest(path, TEXT_DATASET_NAMES)}"
+        )
+    splits = text_dataset(
+        texts,
+        labels,
+        preprocessor,
+        class_names=names,
+        batch_size=batch_size,
+        validation_split=validation_split,
+        test_split=test_split,
+        seed=seed,
+    )
+    return dataclasses.replace(splits, info={**splits.info, "source": path, "skipped": problems})
+
+
 def load_dataset(
     name: str | os.PathLike,
     *,
@@ -210,9 +294,14 @@ def load_dataset(
     seed: int = 0,
     max_per_class: int | None = None,
     test_split: float | None = None,
+    preprocessor=None,
+    text_column: str = "text",
+    label_column: str = "label",
     **kwargs,
 ) -> DatasetSplits:
-    """Loads a labelled image dataset by name, ready for `fit`.
+    """Loads a labelled image or text dataset by name or path, ready for `fit`.
+
+    Images:
 
     - `"fashion_mnist"`: 60k + 10k 28x28 grey clothes images, 10 classes,
       read from the Debian `dataset-fashion-mnist` files (else downloaded).
@@ -230,38 +319,84 @@ def load_dataset(
 
     Grey images become RGB; images are float32 in 0..255.
 
+    Text (needs `preprocessor`; batches are `(token dict, labels)` from
+    `text_dataset`, `test_split` defaults to 0.2):
+
+    - `"wordnet_nouns"`: `load_wordnet_nouns` (offline); `categories=` is
+      passed on.
+    - a `.csv`, `.tsv` or `.jsonl` file, or a folder whose class subfolders
+      hold `.txt` files: `load_text_files`; `on_error=` and `class_names=`
+      are passed on, and `info["skipped"]` lists the bad rows left out
+      (`"reviews.csv line 7: empty text"`).
+
     Args:
-        name: a dataset name, `"tfds:<name>"` or a directory.
+        name: a dataset name, `"tfds:<name>"`, a folder or a text file.
         image_size: `(height, width)` to resize to; None keeps the native
-            size (Fashion-MNIST and digits only).
+            size (Fashion-MNIST and digits only). Unused for text.
         batch_size: examples per batch.
         validation_split: fraction of the training data held out per class.
         seed: seed of the subset, the split and the training shuffle.
         max_per_class: keep at most this many training examples per class
             (a seeded choice), for small labelled subsets; None keeps all.
-        test_split: fraction of each class held out for test, for digits
-            and folders (None: 0.2); sources with an official test set
+        test_split: fraction of each class held out for test, for digits,
+            folders and text (None: 0.2); sources with an official test set
             (Fashion-MNIST, TFDS) take None only.
+        preprocessor: a KerasHub `TextClassifierPreprocessor` (see
+            `keras_transfer.backbones.kerashub.text_preprocessor`): required
+            for text, which it tokenises; None for images.
+        text_column: the text's column (JSON key) in a CSV, TSV or JSONL file.
+        label_column: the label's column (JSON key) in such a file.
         **kwargs: passed to the loader (see above).
 
     Returns:
         A `DatasetSplits`.
+
+    Raises:
+        ValueError: an unknown name, text without `preprocessor` (or a
+            `preprocessor` for images), or bad text data (see
+            `load_text_files`).
 
     Example:
     >>> from keras_transfer.data import load_dataset
     >>> splits = load_dataset("digits", image_size=None, max_per_class=5)
     >>> splits.num_classes, splits.info["counts"]["train"]
     (10, 30)
+
+    Text, from a CSV file:
+
+    >>> import os, tempfile
+    >>> from keras_transfer.backbones.kerashub import text_preprocessor
+    >>> path = os.path.join(tempfile.mkdtemp(), "reviews.csv")
+    >>> with open(path, "w") as f:
+    ...     _ = f.write("review,stars\\n" + "".join(
+    ...         f"review {i},{'good' if i % 2 else 'bad'}\\n" for i in range(10)))
+    >>> splits = load_dataset(path, preprocessor=text_preprocessor("minilm", 16),
+    ...                       text_column="review", label_column="stars", batch_size=4)
+    >>> splits.class_names, sorted(next(iter(splits.train))[0])
+    (['bad', 'good'], ['padding_mask', 'segment_ids', 'token_ids'])
     """
     image_size = validate_image_size(image_size, allow_none=True)
     validate_max("max_per_class", max_per_class)
+    path = os.fspath(name)
+    if preprocessor is not None or _is_text_source(path):
+        return _load_text(
+            path,
+            preprocessor,
+            text_column=text_column,
+            label_column=label_column,
+            batch_size=batch_size,
+            validation_split=validation_split,
+            seed=seed,
+            max_per_class=max_per_class,
+            test_split=test_split,
+            **kwargs,
+        )
     common = {
         "image_size": image_size,
         "batch_size": batch_size,
         "validation_split": validation_split,
         "seed": seed,
     }
-    path = os.fspath(name)
     if test_split is not None:
         if path.startswith(_OFFICIAL_TEST):
             raise ValueError(
@@ -281,9 +416,15 @@ def load_dataset(
             kwargs.setdefault("test_split", FOLDER_TEST_SPLIT)
             return image_folder_dataset(path, **common, **kwargs)
         return _load_tfds(path[len(TFDS_PREFIX) :], **common, **kwargs)
+    if os.path.isfile(path):
+        raise ValueError(
+            f"A data file must be text, ending with one of {TEXT_FILE_EXTENSIONS}; images come "
+            f"in a folder of class subfolders. Received: {path!r}"
+        )
     if os.sep in path or path.startswith("."):
         raise FileNotFoundError(f"Image folder not found: {path!r}.")
     raise ValueError(
-        f"Unknown dataset {path!r}: give one of {DATASET_NAMES}, '{TFDS_PREFIX}<name>' or an "
-        f"existing image folder.{suggest(path, DATASET_NAMES)}"
+        f"Unknown dataset {path!r}: give one of {DATASET_NAMES}, '{TFDS_PREFIX}<name>', an "
+        f"existing image folder, or text data ({_TEXT_SOURCES}, with `preprocessor=`)."
+        f"{suggest(path, DATASET_NAMES + TEXT_DATASET_NAMES)}"
     )
