@@ -12,7 +12,12 @@ import tensorflow as tf
 from keras import ops
 
 from keras_transfer.backbones import ImagePreprocessing, create_backbone
-from keras_transfer.backbones.kerashub import create_text_backbone
+from keras_transfer.backbones.kerashub import create_text_backbone, text_preprocessor
+from keras_transfer.backbones.kerashub_image import (
+    create_kerashub_image_backbone,
+    image_converter_layer,
+    kerashub_image_source,
+)
 from keras_transfer.heads import HEAD_NAME, make_head, validate_head
 
 BN_POLICIES = ("frozen", "affine", "train")
@@ -161,6 +166,15 @@ def _validate_choice(name, value, allowed):
         raise ValueError(f"`{name}` must be one of {allowed}. Received: {name}={value!r}")
 
 
+def _preprocessing_layer(preprocessing) -> keras.layers.Layer | None:
+    """The layer for an explicit `preprocessing`: a mode name or a KerasHub ImageConverter."""
+    if isinstance(preprocessing, keras.layers.Layer):
+        return image_converter_layer(preprocessing)
+    if preprocessing == "none":
+        return None
+    return ImagePreprocessing(preprocessing, name="preprocessing")
+
+
 def _features(
     backbone,
     *,
@@ -172,23 +186,45 @@ def _features(
     preprocessing,
     backbone_kwargs,
 ):
-    """Builds input -> [augmentation] -> [preprocessing] -> backbone -> pooling."""
+    """Builds input -> [augmentation] -> [preprocessing] -> backbone -> pooling.
+
+    Returns `(inputs, features, backbone, name)`, `name` being the registry
+    or preset name (`"custom"` for a user's model).
+    """
     _validate_choice("pooling", pooling, POOLINGS)
     _validate_choice("bn_policy", bn_policy, BN_POLICIES)
     augment = make_augmentation(augmentation)
-    base, spec = create_backbone(
-        backbone, input_shape=input_shape, weights=weights, **backbone_kwargs
-    )
-    mode = preprocessing if preprocessing is not None else (spec.preprocessing if spec else "none")
-    shape = tuple(base.input_shape[1:])
+    preprocess = _preprocessing_layer(preprocessing) if preprocessing is not None else None
+    source = kerashub_image_source(backbone)
+    class_token = False
+    if source is not None:
+        hub = create_kerashub_image_backbone(
+            source,
+            input_shape=input_shape,
+            weights=weights,
+            # A converter passed in also gives the default input size.
+            converter=preprocessing if isinstance(preprocessing, keras.layers.Layer) else None,
+            load_converter=preprocessing is None,
+            **backbone_kwargs,
+        )
+        base, shape, label, class_token = hub.model, hub.input_shape, hub.name, hub.class_token
+        if preprocessing is None:
+            preprocess = hub.preprocessing
+    else:
+        base, spec = create_backbone(
+            backbone, input_shape=input_shape, weights=weights, **backbone_kwargs
+        )
+        shape, label = tuple(base.input_shape[1:]), spec.name if spec else "custom"
+        if preprocessing is None and spec is not None:
+            preprocess = _preprocessing_layer(spec.preprocessing)
     inputs = keras.Input(shape=shape, name=INPUT_NAME)
     x = inputs
     # Augment in raw 0-255 pixel space so value ranges are the same for every
     # family; then map pixels to the backbone's convention.
     if augment is not None:
         x = augment(x)
-    if mode != "none":
-        x = ImagePreprocessing(mode, name="preprocessing")(x)
+    if preprocess is not None:
+        x = preprocess(x)
     # Keras 3 functional models pass the outer `training` flag down to nested
     # models (a `training=False` baked into the call is overridden by `fit`),
     # so BatchNorm's mode follows its `trainable` flag ("frozen": never
@@ -203,11 +239,21 @@ def _features(
             else keras.layers.GlobalMaxPooling2D
         )
         x = pool(name=f"{pooling}_pool")(x)
-    return inputs, x, base, spec
+    elif len(x.shape) == 3 and class_token:
+        # ViT's class token, what KerasHub's ViTImageClassifier pools ("token").
+        x = ClassTokenPooling(name="class_token_pool")(x)
+    elif len(x.shape) == 3:
+        pool = (
+            keras.layers.GlobalAveragePooling1D
+            if pooling == "avg"
+            else keras.layers.GlobalMaxPooling1D
+        )
+        x = pool(name=f"{pooling}_pool")(x)
+    return inputs, x, base, label
 
 
 def build_image_classifier(
-    backbone: str | keras.Model,
+    backbone: str | os.PathLike | keras.Model,
     num_classes: int,
     *,
     weights: str | os.PathLike | None = "imagenet",
@@ -218,7 +264,7 @@ def build_image_classifier(
     augmentation=None,
     bn_policy: str = "frozen",
     freeze_backbone: bool = True,
-    preprocessing: str | None = None,
+    preprocessing: str | keras.layers.Layer | None = None,
     name: str | None = None,
     strategy: tf.distribute.Strategy | None = None,
     mixed_precision: str | None = None,
@@ -230,16 +276,37 @@ def build_image_classifier(
     preprocessing -> backbone -> pooling -> dropout -> head`. The backbone is a
     nested layer named `"backbone"`; the output layer is named `"head"`.
 
+    KerasHub backbones: `backbone` may be a KerasHub image preset name
+    (`"resnet_18_imagenet"`, `"efficientnet_b0_ra_imagenet"`,
+    `"mobilenet_v3_small_100_imagenet"`, `"vit_base_patch16_224_imagenet"`;
+    see `keras_transfer.backbones.list_kerashub_image_presets()`; downloads),
+    a `kaggle://` / `hf://` handle, a local preset directory (written by
+    `Backbone.save_to_preset` plus the image converter's `save_to_preset`),
+    or a `keras_hub.models.Backbone`. Registry names win over KerasHub names.
+    The preset's `ImageConverter` scale and offset (ImageNet mean/std folded
+    in) become the `"preprocessing"` layer, so the model still takes raw
+    0-255 pixels; `input_shape` (default: the converter's size) fixes the
+    size, nothing resizes inside. Blocks are the stages (ResNet stacks,
+    EfficientNet blocks, MobileNet stages) or ViT's transformer layers. A
+    ViT's token sequence is pooled by its class token (as KerasHub's
+    ViTImageClassifier does), or by `pooling` over tokens when it has none.
+
     Args:
-        backbone: a registry name (see `list_backbones()`) or a `keras.Model`
-            that maps images to a feature map or a feature vector.
+        backbone: a registry name (see `list_backbones()`), a KerasHub image
+            preset name, handle or directory, or a `keras.Model` (a KerasHub
+            `Backbone` included) that maps images to a feature map, a token
+            sequence or a feature vector.
         num_classes: number of outputs: classes (`"softmax"`), labels
             (`"multi_label"`) or targets (`"regression"`).
         weights: `"imagenet"` (download), `None` (random init) or the path of
-            a weights file for the backbone.
+            a weights file for the backbone. For a KerasHub preset,
+            `"imagenet"` or `"pretrained"` loads the preset's weights and
+            None initialises at random; a KerasHub `Backbone` object keeps
+            its own weights.
         input_shape: `(height, width, 3)`; defaults to the backbone's size.
         head: `"softmax"`, `"multi_label"` (sigmoid) or `"regression"`.
-        pooling: `"avg"` or `"max"` global pooling of the feature map.
+        pooling: `"avg"` or `"max"` global pooling of the feature map (or of
+            the tokens of a transformer without a class token).
         dropout: dropout rate before the head, in [0, 1).
         augmentation: see `make_augmentation`; None by default.
         bn_policy: `"affine"` builds BatchNorm layers that always normalise
@@ -249,7 +316,9 @@ def build_image_classifier(
             (`kt.unfreeze(..., bn_policy=...)`, `kt.fine_tune`).
         freeze_backbone: start with the backbone frozen (feature extraction).
         preprocessing: override the spec's preprocessing mode (required for a
-            custom backbone that expects scaled input; default `"none"`).
+            custom backbone that expects scaled input; default `"none"`), or
+            a `keras_hub.layers.ImageConverter` whose scale and offset to
+            apply (a KerasHub `Backbone` object has none of its own).
         name: model name; defaults to `"<backbone>_classifier"`.
         strategy: a `tf.distribute.Strategy` to build (and later train) the
             model under; None: the current one.
@@ -268,12 +337,25 @@ def build_image_classifier(
     ...     input_shape=(32, 32, 3))
     >>> model.output_shape
     (None, 3)
+
+    A KerasHub backbone (a tiny random ViT here; a preset name works the
+    same way online):
+
+    >>> import keras_hub
+    >>> vit = keras_hub.models.ViTBackbone(
+    ...     image_shape=(32, 32, 3), patch_size=8, num_layers=2, num_heads=2,
+    ...     hidden_dim=16, mlp_dim=32)
+    >>> model = kt.build_image_classifier(
+    ...     vit, num_classes=3,
+    ...     preprocessing=keras_hub.layers.ViTImageConverter(scale=1 / 127.5, offset=-1.0))
+    >>> [block.name for block in kt.backbone_blocks(model)]
+    ['stem', 'layer0', 'layer1', 'top']
     """
     validate_head(head, num_classes)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
     with build_scope(strategy, mixed_precision):
-        inputs, x, base, spec = _features(
+        inputs, x, base, label = _features(
             backbone,
             weights=weights,
             input_shape=input_shape,
@@ -288,17 +370,17 @@ def build_image_classifier(
         outputs = make_head(head, num_classes, name=HEAD_NAME)(x)
         base.trainable = not freeze_backbone
         if name is None:
-            name = f"{spec.name if spec else 'custom'}_classifier"
+            name = f"{label}_classifier"
         return keras.Model(inputs, outputs, name=name)
 
 
 def build_feature_extractor(
-    backbone: str | keras.Model,
+    backbone: str | os.PathLike | keras.Model,
     *,
     weights: str | os.PathLike | None = "imagenet",
     input_shape: Sequence[int] | None = None,
     pooling: str = "avg",
-    preprocessing: str | None = None,
+    preprocessing: str | keras.layers.Layer | None = None,
     name: str = "feature_extractor",
     strategy: tf.distribute.Strategy | None = None,
     mixed_precision: str | None = None,
@@ -307,11 +389,14 @@ def build_feature_extractor(
     """Builds a frozen model that maps raw images to pooled feature vectors.
 
     Args:
-        backbone: a registry name or a `keras.Model`.
-        weights: `"imagenet"`, `None` or a weights file path.
+        backbone: a registry name, a KerasHub image preset (name, handle or
+            directory) or a `keras.Model` (see `build_image_classifier`).
+        weights: `"imagenet"`, `None` or a weights file path (KerasHub
+            presets: see `build_image_classifier`).
         input_shape: `(height, width, 3)`; defaults to the backbone's size.
         pooling: `"avg"` or `"max"`.
-        preprocessing: override the spec's preprocessing mode.
+        preprocessing: override the spec's preprocessing mode, or a KerasHub
+            `ImageConverter`.
         name: model name.
         strategy: see `build_image_classifier`.
         mixed_precision: see `build_image_classifier`.
@@ -365,11 +450,35 @@ class MaskedMeanPooling(keras.layers.Layer):
         return (inputs_shape[0], inputs_shape[-1])
 
 
+TEXT_POOLINGS = ("mean", "cls")
+
+
+@keras.saving.register_keras_serializable(package="keras_transfer")
+class ClassTokenPooling(keras.layers.Layer):
+    """The vector of the first token (BERT's `[CLS]`) of each sequence.
+
+    Example:
+    >>> import numpy as np
+    >>> from keras_transfer.builders import ClassTokenPooling
+    >>> x = np.array([[[1.0], [3.0], [100.0]]])
+    >>> float(ClassTokenPooling()(x)[0, 0])
+    1.0
+    """
+
+    def call(self, inputs):
+        return inputs[:, 0, :]
+
+    def compute_output_shape(self, inputs_shape):
+        return (inputs_shape[0], inputs_shape[-1])
+
+
 def build_text_classifier(
     backbone: str,
     num_classes: int,
     *,
     weights: str | None = "pretrained",
+    sequence_length: int = 64,
+    pooling: str = "mean",
     head: str = "softmax",
     dropout: float = 0.1,
     freeze_backbone: bool = True,
@@ -380,16 +489,27 @@ def build_text_classifier(
 ) -> keras.Model:
     """Builds a functional text classifier on a KerasHub backbone.
 
-    The graph is `token inputs (dict) -> backbone (token vectors) -> masked
-    mean pooling -> dropout -> head`. Tokenisation happens in `tf.data` with
-    `keras_transfer.backbones.kerashub.text_preprocessor` (see
-    `keras_transfer.data.text_dataset`).
+    The graph is `token inputs (dict) -> backbone (token vectors) -> pooling
+    -> dropout -> head`. The matching KerasHub preprocessor (tokenizer and
+    packer, `sequence_length` tokens) is attached as `model.preprocessor`:
+    map it over raw strings in `tf.data` (`keras_transfer.data.text_dataset`
+    does), and `kt.export.saved_model` bakes it into a signature that takes
+    raw strings. The attribute is not saved in `.keras` files; rebuild it with
+    `keras_transfer.backbones.kerashub.text_preprocessor(preset, length)`.
+    The backbone's transformer layers are its blocks (freezing,
+    discriminative learning rates, `ProgressiveUnfreezing`).
 
     Args:
-        backbone: KerasHub preset name, local preset/HF directory, or
-            `"minilm"` (offline all-MiniLM-L6-v2).
+        backbone: KerasHub preset name (e.g. `"bert_base_en"`, downloads),
+            `kaggle://` / `hf://` handle, local preset or Hugging Face
+            directory, or `"minilm"` (offline all-MiniLM-L6-v2).
         num_classes: number of outputs.
         weights: `"pretrained"` or None (random initialisation).
+        sequence_length: tokens per text, at most the backbone's
+            `max_sequence_length`.
+        pooling: `"mean"` (masked mean of the token vectors, what sentence
+            encoders such as MiniLM are trained with) or `"cls"` (the first
+            token's vector, BERT's classification token).
         head: `"softmax"`, `"multi_label"` or `"regression"`.
         dropout: dropout rate before the head.
         freeze_backbone: start with the backbone frozen.
@@ -400,26 +520,50 @@ def build_text_classifier(
             `dropout=0.0`), passed to `Backbone.from_preset`.
 
     Returns:
-        A `keras.Model` taking the backbone's input dict.
+        A `keras.Model` taking the backbone's input dict, with the
+        preprocessor as `model.preprocessor`.
 
     Example:
     >>> import keras_transfer as kt
-    >>> model = kt.build_text_classifier("minilm", num_classes=4, weights=None)
+    >>> model = kt.build_text_classifier("minilm", num_classes=4, weights=None,
+    ...                                  sequence_length=16, num_layers=1)
     >>> model.output_shape
     (None, 4)
+    >>> model.predict(model.preprocessor(["a small dog"]), verbose=0).shape
+    (1, 4)
     """
     validate_head(head, num_classes)
+    _validate_choice("pooling", pooling, TEXT_POOLINGS)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+    if (
+        isinstance(sequence_length, bool)
+        or not isinstance(sequence_length, int)
+        or (sequence_length < 2)
+    ):
+        raise ValueError(
+            "`sequence_length` must be an integer >= 2 (the special tokens take two). "
+            f"Received: sequence_length={sequence_length!r}"
+        )
     with build_scope(strategy, mixed_precision):
-        base = create_text_backbone(backbone, weights=weights, **backbone_kwargs)
+        base = create_text_backbone(
+            backbone, weights=weights, sequence_length=sequence_length, **backbone_kwargs
+        )
         inputs = {
             key: keras.Input(shape=(None,), dtype=tensor.dtype, name=key)
             for key, tensor in base.input.items()
         }
-        x = MaskedMeanPooling(name="mean_pool")(base(inputs), inputs["padding_mask"])
+        tokens = base(inputs)
+        if pooling == "mean":
+            x = MaskedMeanPooling(name="mean_pool")(tokens, inputs["padding_mask"])
+        else:
+            x = ClassTokenPooling(name="cls_pool")(tokens)
         if dropout:
             x = keras.layers.Dropout(dropout, name="dropout")(x)
         outputs = make_head(head, num_classes, name=HEAD_NAME)(x)
         base.trainable = not freeze_backbone
-        return keras.Model(inputs, outputs, name=name)
+        model = keras.Model(inputs, outputs, name=name)
+    # Not tracked as a sublayer: the preprocessor is not part of the model's
+    # weights, `.keras` file or `summary()`; export tracks it where it is used.
+    object.__setattr__(model, "preprocessor", text_preprocessor(backbone, sequence_length))
+    return model

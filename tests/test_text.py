@@ -79,3 +79,71 @@ def test_pretrained_minilm_embeds_meaning():
     vectors = np.asarray(encoder.predict(preprocessor(texts), verbose=0))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.1
+
+
+def test_progressive_unfreezing_reaches_transformer_layers_in_order(wordnet_splits):
+    """Inside one fit: a layer scheduled for a later epoch is unchanged before it."""
+    model = kt.build_text_classifier(
+        "minilm",
+        4,
+        weights=None,
+        sequence_length=SEQUENCE_LENGTH,
+        num_layers=3,
+        hidden_dim=32,
+        intermediate_dim=64,
+        num_heads=2,
+    )
+    backbone = model.get_layer("backbone")
+    layers = {
+        name: backbone.get_layer(f"transformer_layer_{i}")
+        for i, name in enumerate(("layer0", "layer1", "layer2"))
+    }
+    snapshots = []
+
+    class Snapshot(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            snapshots.append(
+                {name: [w.numpy().copy() for w in layer.weights] for name, layer in layers.items()}
+            )
+
+    start = {name: [w.numpy().copy() for w in layer.weights] for name, layer in layers.items()}
+    kt.fine_tune(
+        model,
+        wordnet_splits.train,
+        recipe="progressive",
+        epochs=3,
+        callbacks=[Snapshot()],
+        verbose=0,
+    )
+
+    def changed(name, epoch):
+        return any(not np.array_equal(a, b) for a, b in zip(start[name], snapshots[epoch][name]))
+
+    # Epoch 0: head only; epoch 1: + layer2 (the top); epoch 2: + layer1.
+    assert [changed("layer2", e) for e in range(3)] == [False, True, True]
+    assert [changed("layer1", e) for e in range(3)] == [False, False, True]
+    assert [changed("layer0", e) for e in range(3)] == [False, False, False]
+
+
+def test_text_classifier_options_and_errors(tmp_path):
+    model = kt.build_text_classifier(
+        "minilm", 2, weights=None, sequence_length=8, pooling="cls", num_layers=1
+    )
+    assert model.get_layer("cls_pool") is not None
+    x = model.preprocessor(["a cat", "a long sentence about a very small dog indeed"])
+    assert x["token_ids"].shape == (2, 8)
+    assert model.predict(x, verbose=0).shape == (2, 2)
+    with pytest.raises(ValueError, match=r"sequence_length` must be <= 512.*sequence_length=513"):
+        kt.build_text_classifier("minilm", 2, weights=None, sequence_length=513, num_layers=1)
+    with pytest.raises(ValueError, match="Received: sequence_length=1"):
+        kt.build_text_classifier("minilm", 2, weights=None, sequence_length=1)
+    with pytest.raises(ValueError, match=r"Received: pooling='max'"):
+        kt.build_text_classifier("minilm", 2, weights=None, pooling="max")
+    with pytest.raises(
+        ValueError, match=r"Unknown KerasHub text preset 'bert_bse_en'.*bert_base_en"
+    ):
+        kt.build_text_classifier("bert_bse_en", 2)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hello")
+    with pytest.raises(ValueError, match=r"notes. is not a KerasHub preset or Hugging Face model"):
+        kt.build_text_classifier(str(tmp_path / "notes"), 2)

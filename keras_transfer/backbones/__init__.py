@@ -1,4 +1,4 @@
-"""Backbones: the registry, the keras.applications specs, blocks, preprocessing."""
+"""Backbones: the registry, the keras.applications specs, KerasHub, blocks, preprocessing."""
 
 from keras_transfer.backbones import (  # noqa: F401  (register specs)
     applications,
@@ -9,6 +9,11 @@ from keras_transfer.backbones.blocks import (
     backbone_blocks,
     detect_block_rule,
     get_backbone,
+)
+from keras_transfer.backbones.kerashub_image import (
+    KerasHubImageBackbone,
+    create_kerashub_image_backbone,
+    list_kerashub_image_presets,
 )
 from keras_transfer.backbones.preprocessing import (
     PREPROCESSING_MODES,
@@ -29,11 +34,14 @@ __all__ = [
     "Block",
     "BackboneSpec",
     "ImagePreprocessing",
+    "KerasHubImageBackbone",
     "backbone_blocks",
     "create_backbone",
+    "create_kerashub_image_backbone",
     "detect_block_rule",
     "get_backbone",
     "get_backbone_spec",
     "list_backbones",
+    "list_kerashub_image_presets",
     "register_backbone",
 ]

@@ -194,6 +194,27 @@ _RULES: dict[str, tuple[str, _Grouper]] = {
             ]
         ),
     ),
+    # KerasHub image backbones (`kerashub_image`). EfficientNetBackbone keeps
+    # the keras.applications names (block1a_...) and uses "efficientnet".
+    "kerashub_resnet": (
+        r"^stack0_block0_out$",
+        _by_name([(r"^stack(\d+)_", _fmt("stack{}")), (r"^post_", _fixed("top"))]),
+    ),
+    "kerashub_mobilenet": (
+        r"^input_batch_norm$",
+        # block_0 is the depthwise block; block_k_i is block i of stage k; the
+        # last stage is the final 1x1 conv.
+        _by_name([(r"^block_(\d+)_", _fmt("block{}"))]),
+    ),
+    "vit": (
+        r"^vit_patching_and_embedding$",
+        _by_name(
+            [
+                (r"^transformer_block_(\d+)$", _fmt("layer{}", offset=-1)),
+                (r"^ln$", _fixed("top")),
+            ]
+        ),
+    ),
     "xception": (r"^block14_sepconv2$", _by_name([(r"^(block\d+)_", _first_group)])),
     "vgg": (r"^block1_pool$", _by_name([(r"^(block\d+)_", _first_group)])),
 }
