@@ -84,6 +84,8 @@ flags.DEFINE_list("images", [], "Image files or folders (predict).")
 flags.DEFINE_integer("top", 3, "Labels shown per image (predict).")
 flags.DEFINE_enum("task", "image", list(TASKS), "image, or text (KerasHub backbone, e.g. minilm).")
 flags.DEFINE_integer("sequence_length", 64, "Tokens per text (text task).")
+flags.DEFINE_integer("lora_rank", 8, "LoRA adapter rank (--recipe=lora).")
+flags.DEFINE_float("lora_alpha", None, "LoRA scale numerator (--recipe=lora; default: the rank).")
 flags.DEFINE_string("text_column", "text", "Text column (JSON key) of a --data file (text task).")
 flags.DEFINE_string("label_column", "label", "Label column (JSON key) of a --data file (text).")
 flags.DEFINE_string("output", None, "Export folder saved_models/<name> (export, demo).")
@@ -162,6 +164,8 @@ def _train():
         augmentation=FLAGS.augmentation,
         dropout=FLAGS.dropout,
         sequence_length=FLAGS.sequence_length,
+        lora_rank=FLAGS.lora_rank,
+        lora_alpha=FLAGS.lora_alpha,
         text_column=FLAGS.text_column,
         label_column=FLAGS.label_column,
         mixed_precision=FLAGS.mixed_precision,

@@ -7,6 +7,8 @@ directory holds everything needed to look at, reuse or ship the result:
     config.json        the settings as run
     model.keras        the fine-tuned model (reloads with safe_mode=True
                        once `keras_transfer` is imported)
+    adapters.lora.npz  LoRA runs only: the adapters (`kt.lora.load_adapters`);
+                       model.keras then holds the merged model
     labels.txt         class names, one per line, in output order
     history.json       per-epoch metrics, with a "stage" marker
     curves.png         loss and accuracy per epoch, stages marked
@@ -44,18 +46,19 @@ from keras_transfer.data import (
     DatasetSplits,
     image_folder_dataset,
     load_dataset,
-    load_wordnet_nouns,
-    text_dataset,
 )
 from keras_transfer.distribute import is_chief, is_multi_worker
 from keras_transfer.evaluation import evaluate_classifier
 from keras_transfer.export import export_model, export_options
 from keras_transfer.plots import plot_confusion_matrix, plot_training_curves
-from keras_transfer.recipes import fine_tune, list_recipes
+from keras_transfer.recipes import DEFAULT_LORA_RANK, fine_tune, list_recipes
 from keras_transfer.reports import save_history_json, write_run_report
+from keras_transfer.techniques import lora
 from keras_transfer.training import check_number, positive_number
 
 MODEL_FILE = "model.keras"
+# LoRA runs: the trained adapters, apart from the (merged) model.
+ADAPTERS_FILE = "adapters.lora.npz"
 LABELS_FILE = "labels.txt"
 CONFIG_FILE = "config.json"
 EVALUATION_FILE = "evaluation.json"
@@ -75,11 +78,13 @@ class RunConfig:
     """Settings of one training run (also written to `config.json`).
 
     Args:
-        task: `"image"` or `"text"` (KerasHub backbone, e.g. `"minilm"`, on
-            `data="wordnet_nouns"`).
+        task: `"image"` or `"text"` (KerasHub backbone, e.g. `"minilm"`).
         backbone: registry name, e.g. `"efficientnet_lite0"`.
-        data: dataset name (`"fashion_mnist"`, `"digits"`, `"tfds:<name>"`) or
-            an image folder (one subfolder per class).
+        data: images: a dataset name (`"fashion_mnist"`, `"digits"`,
+            `"tfds:<name>"`) or an image folder (one subfolder per class);
+            text: `"wordnet_nouns"`, a `.csv`, `.tsv` or `.jsonl` file, or a
+            folder of per-class subfolders of `.txt` files (see
+            `kt.data.load_dataset`).
         output_dir: run directory to create.
         weights: `"imagenet"` or `"none"` (random initialisation).
         recipe: a `fine_tune` recipe.
@@ -101,6 +106,10 @@ class RunConfig:
         backbone_kwargs: extra backbone constructor arguments.
         patience: early-stopping patience on validation loss (None: off).
         sequence_length: tokens per text (text task).
+        lora_rank: LoRA adapter rank (recipe `"lora"` only).
+        lora_alpha: LoRA scale numerator; None: the rank (recipe `"lora"`).
+        text_column: the text's column (JSON key) in a CSV, TSV or JSONL file.
+        label_column: the label's column (JSON key) in such a file.
         mixed_precision: `"mixed_float16"`, `"mixed_bfloat16"` or None.
         jit_compile: XLA compilation of the train step: `"auto"`, True or
             False (passed to `compile`).
@@ -138,6 +147,10 @@ class RunConfig:
     backbone_kwargs: dict = dataclasses.field(default_factory=dict)
     patience: int | None = 3
     sequence_length: int = 64
+    lora_rank: int = DEFAULT_LORA_RANK
+    lora_alpha: float | None = None
+    text_column: str = "text"
+    label_column: str = "label"
     mixed_precision: str | None = None
     jit_compile: bool | str = "auto"
     seed: int = 0
@@ -172,6 +185,13 @@ class RunConfig:
         check_number("seed", self.seed, 0, integer=True)
         if self.unfreeze_blocks != "all":
             check_number("unfreeze_blocks", self.unfreeze_blocks, 1, integer=True)
+        if self.recipe == "lora":
+            lora.check_options(self.lora_rank, self.lora_alpha, prefix="lora_")
+        for name in ("text_column", "label_column"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise ValueError(
+                    f"`{name}` must be a non-empty string. Received: {name}={getattr(self, name)!r}"
+                )
         if not isinstance(self.backbone_kwargs, dict):
             raise ValueError(
                 f"`backbone_kwargs` must be a dict. Received: backbone_kwargs={self.backbone_kwargs!r}"
@@ -180,7 +200,6 @@ class RunConfig:
 
 TASKS = ("image", "text")
 JIT_COMPILE = ("auto", True, False)
-TEXT_DATA = ("wordnet_nouns",)
 
 
 def _choice(name, value, allowed):
@@ -274,19 +293,17 @@ def load_run_splits(config: RunConfig) -> DatasetSplits:
             seed=config.seed,
             **_caps(config),
         )
-    if config.data not in TEXT_DATA:
-        raise ValueError(f"Text data must be one of {TEXT_DATA}. Received: data={config.data!r}")
-    texts, labels, names = load_wordnet_nouns(max_per_class=config.max_per_class, seed=config.seed)
-    preprocessor = text_preprocessor(config.backbone, config.sequence_length)
-    return text_dataset(
-        texts,
-        labels,
-        preprocessor,
-        class_names=names,
+    # Unknown text data is refused by `load_dataset`, naming the text sources.
+    return load_dataset(
+        config.data,
+        preprocessor=text_preprocessor(config.backbone, config.sequence_length),
+        text_column=config.text_column,
+        label_column=config.label_column,
         batch_size=config.batch_size,
         validation_split=TEXT_VALIDATION_SPLIT,
         test_split=TEXT_TEST_SPLIT if config.test_split is None else config.test_split,
         seed=config.seed,
+        max_per_class=config.max_per_class,
     )
 
 
@@ -329,6 +346,7 @@ def _build_model(config: RunConfig, num_classes: int, weights, strategy):
             config.backbone,
             num_classes,
             weights="pretrained" if weights is not None else None,
+            sequence_length=config.sequence_length,
             **common,
             **config.backbone_kwargs,
         )
@@ -524,6 +542,9 @@ def _data_and_model(config: RunConfig, strategy):
 
 def _fine_tune_run(config: RunConfig, model, splits, folder: str, strategy, verbose):
     epochs = tuple(config.epochs) if isinstance(config.epochs, list) else config.epochs
+    lora_options = {}
+    if config.recipe == "lora":
+        lora_options = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha}
     return fine_tune(
         model,
         splits.train,
@@ -542,6 +563,7 @@ def _fine_tune_run(config: RunConfig, model, splits, folder: str, strategy, verb
         callbacks=[keras.callbacks.TensorBoard(os.path.join(folder, "logs"))],
         backup_dir=os.path.join(folder, CHECKPOINT_DIR),
         verbose=verbose,
+        **lora_options,
     )
 
 
@@ -551,6 +573,11 @@ def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
     history = _fine_tune_run(config, model, splits, folder, strategy, verbose)
     train_seconds = time.perf_counter() - start
     model_path = os.path.join(folder, MODEL_FILE)
+    if lora.lora_layers(model):
+        # The adapters on their own, and a plain model (merged kernels) that
+        # reloads without Keras re-adding empty adapters (see kt.lora).
+        lora.save_adapters(model, os.path.join(folder, ADAPTERS_FILE))
+        model = lora.merge(model)
     model.save(model_path)
     if is_multi_worker(strategy):
         # Evaluated here alone: a copy outside the strategy needs no other worker.
@@ -768,7 +795,9 @@ def export_run(
     (int8) on the training split and compared with the Keras model (parity)
     on the held-out split of `data`, or of the run's own data when `data` is
     None. A SavedModel needs no data, so a run copied without its data
-    still exports.
+    still exports. A text run's preprocessor is rebuilt from its
+    `config.json` (`backbone`, `sequence_length`), so its SavedModel takes
+    raw strings (a bare `.keras` text model exports on token ids only).
 
     Args:
         run_dir: a run directory from `train_run`, or a `.keras` file.
@@ -803,11 +832,14 @@ def export_run(
     # Bad options and an unwritable output fail at once, before any data loads.
     formats, quantizations = export_options(formats, quantizations)
     model, class_names = load_run_model(run_dir)
+    preprocessor = _run_preprocessor(run_dir)
     created = staging.writable_folder(output, "an export")
     try:
         splits = data if isinstance(data, DatasetSplits) else None
         if "tflite" in formats and splits is None:
-            splits = _export_data(model, run_dir, data, quantizations, data_options or {})
+            splits = _export_data(
+                model, run_dir, data, quantizations, data_options or {}, preprocessor
+            )
         if splits is not None and class_names is None:
             class_names = splits.class_names
         return export_model(
@@ -821,6 +853,7 @@ def export_run(
             version=version,
             overwrite=overwrite,
             num_evaluation_samples=num_evaluation_samples,
+            preprocessor=preprocessor,
             verbose=verbose,
         )
     except BaseException:
@@ -828,14 +861,26 @@ def export_run(
         raise
 
 
-def _export_data(model, run_dir, data, quantizations, data_options):
+def _run_preprocessor(run_dir):
+    """A text run's preprocessor, rebuilt from its config (`.keras` files do not keep it)."""
+    if not os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
+        return None
+    config = load_run_config(run_dir)
+    if config.task != "text":
+        return None
+    return text_preprocessor(config.backbone, config.sequence_length)
+
+
+def _export_data(model, run_dir, data, quantizations, data_options, preprocessor=None):
     """The splits LiteRT export calibrates and measures on, or None if there are none."""
     if data is not None:
+        if preprocessor is not None:
+            return load_dataset(data, preprocessor=preprocessor, **data_options)
         return load_dataset(data, image_size=tuple(model.input_shape[1:3]), **data_options)
     config = None
     if os.path.isfile(os.path.join(run_dir, CONFIG_FILE)):
         config = load_run_config(run_dir)
-    if config is not None and config.task == "image":
+    if config is not None:
         try:
             return load_run_splits(config)
         except (FileNotFoundError, ValueError) as error:

@@ -7,6 +7,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
+from conftest import assert_user_error, run_cli
 
 import keras_transfer as kt
 from keras_transfer.backbones.kerashub import text_preprocessor
@@ -211,3 +212,47 @@ def test_minilm_lora_vs_full_fine_tuning_vs_random_init(tmp_path):
     assert not _config_has_lora(tmp_path / "merged.keras")
     record = json.loads(str(np.load(adapters)["__lora__"]))
     assert record["rank"] == 8 and len(record["layers"]) == 12
+
+
+def test_cli_lora_run_saves_adapters_and_a_plain_model(tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data=digits",
+        "--backbone=mobilenet_v3_small",
+        "--weights=none",
+        "--image_size=32",
+        "--max_per_class=6",
+        "--recipe=lora",
+        "--epochs=1",
+        f"--output_dir={out}",
+    ]
+    assert_user_error(run_cli(*args, "--lora_rank=0"), "lora_rank=0")
+    assert not out.exists() and not list(tmp_path.iterdir())
+    result = run_cli(*args, "--lora_rank=2", "--lora_alpha=4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(str(np.load(out / "adapters.lora.npz")["__lora__"]))
+    assert (record["rank"], record["alpha"]) == (2, 4.0)
+    assert not _config_has_lora(out / "model.keras")
+    model = keras.saving.load_model(out / "model.keras", safe_mode=True)
+    assert not any("lora" in v.path for v in model.weights)
+    assert json.loads((out / "config.json").read_text())["lora_rank"] == 2
+
+
+def test_export_ships_the_merged_model(cnn_lora):
+    model, _, _, images, folder = cnn_lora
+    version = kt.export.saved_model(
+        model, os.path.join(folder, "export", "cnn"), models_config=False
+    )
+    import tensorflow as tf
+
+    served = tf.saved_model.load(version)
+    assert not any("lora" in v.name for v in served.variables)
+    probabilities = served.signatures["serving_default"](image=tf.constant(images[:4]))
+    np.testing.assert_allclose(
+        probabilities["probabilities"].numpy(), model.predict(images[:4], verbose=0), atol=1e-5
+    )
+    report = kt.export.tflite(
+        model, os.path.join(folder, "cnn.tflite"), evaluation_data=images, verbose=False
+    )
+    assert report.max_abs_diff <= 1e-5

@@ -117,7 +117,10 @@ def test_progressive_unfreezing_reaches_transformer_layers_in_order(wordnet_spli
     )
 
     def changed(name, epoch):
-        return any(not np.array_equal(a, b) for a, b in zip(start[name], snapshots[epoch][name]))
+        return any(
+            not np.array_equal(a, b)
+            for a, b in zip(start[name], snapshots[epoch][name], strict=True)
+        )
 
     # Epoch 0: head only; epoch 1: + layer2 (the top); epoch 2: + layer1.
     assert [changed("layer2", e) for e in range(3)] == [False, True, True]

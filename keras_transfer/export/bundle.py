@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -23,6 +24,9 @@ import tensorflow as tf
 from keras_transfer import staging as staging_lib
 from keras_transfer.export import saved_model as saved_model_lib
 from keras_transfer.export import tflite as tflite_lib
+
+if TYPE_CHECKING:
+    import keras_hub
 
 FORMATS = ("saved_model", "tflite")
 LITERT_FOLDER = "litert"
@@ -74,22 +78,30 @@ def export_model(
     version: int | None = None,
     overwrite: bool = False,
     num_evaluation_samples: int | None = None,
+    preprocessor: keras_hub.models.TextClassifierPreprocessor | None = None,
     verbose: bool = True,
 ) -> dict:
     """Exports a model as a SavedModel and/or LiteRT files in one folder.
+
+    A text model with its preprocessor gets a SavedModel served from raw
+    strings and LiteRT files on token ids (see `saved_model`, `tflite`).
 
     Args:
         model: a built Keras model.
         output: the model's export folder, `saved_models/<name>`.
         formats: any of `FORMATS`.
-        quantizations: LiteRT modes, any of `tflite.QUANTIZATIONS`.
+        quantizations: LiteRT modes, any of `tflite.QUANTIZATIONS` ("int8":
+            image models only).
         labels: class names (stored with every export).
         representative_data: training images for int8 calibration.
-        evaluation_data: held-out `(images, labels)` for the parity reports.
+        evaluation_data: held-out `(images, labels)` for the parity reports
+            (text models: `(token dict, labels)`, as `text_dataset` makes).
         version: SavedModel version (None: the next free one).
         overwrite: replace an existing SavedModel version.
-        num_evaluation_samples: compare at most this many evaluation images
+        num_evaluation_samples: compare at most this many evaluation examples
             (None: all of them).
+        preprocessor: a text model's KerasHub `TextClassifierPreprocessor`
+            (None: `model.preprocessor`, if any).
         verbose: print the parity table.
 
     Returns:
@@ -106,14 +118,18 @@ def export_model(
     ('1', 'none')
     """
     formats, quantizations = export_options(formats, quantizations)
-    if "tflite" in formats and "int8" in quantizations and representative_data is None:
-        raise ValueError(
-            "int8 needs `representative_data` (training images). Received: representative_data=None"
-        )
+    if "tflite" in formats:
+        for quantization in quantizations:
+            tflite_lib.check_quantization(model, quantization, representative_data)
     result = {"saved_model": None, "tflite": []}
     if "saved_model" in formats:
         result["saved_model"] = saved_model_lib.saved_model(
-            model, output, version=version, labels=labels, overwrite=overwrite
+            model,
+            output,
+            version=version,
+            labels=labels,
+            overwrite=overwrite,
+            preprocessor=preprocessor,
         )
     if "tflite" in formats:
         name = os.path.basename(os.path.abspath(output))
@@ -122,7 +138,9 @@ def export_model(
         try:
             with tempfile.TemporaryDirectory() as scratch:
                 # One float32 SavedModel serves every quantisation mode.
-                source = tflite_lib.write_conversion_source(model, scratch)
+                source = tflite_lib.write_conversion_source(
+                    model, scratch, preprocessor=preprocessor
+                )
                 for quantization in quantizations:
                     report = tflite_lib.tflite(
                         model,
@@ -133,6 +151,7 @@ def export_model(
                         labels=labels,
                         num_evaluation_samples=num_evaluation_samples,
                         source_dir=source,
+                        preprocessor=preprocessor,
                         verbose=False,
                     )
                     result["tflite"].append(report)

@@ -2,7 +2,9 @@
 
 `saved_model(model, "saved_models/flowers")` writes `saved_models/flowers/<N>/`
 with the named signatures of `export.signatures`, the labels as an asset,
-optional warm-up records, and updates `saved_models/models.config`.
+optional warm-up records, and updates `saved_models/models.config`. A text
+model with its KerasHub preprocessor is served from raw strings (the
+tokeniser runs in the graph; see `export.signatures`).
 
 A version is written to a hidden staging folder beside it
 (`.tmp-<N>-<random>`; TF Serving only loads all-digit folder names) and renamed
@@ -16,12 +18,17 @@ import json
 import os
 import tempfile
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
 
 from keras_transfer import staging as staging_lib
 from keras_transfer.export import signatures
+from keras_transfer.techniques import lora
+
+if TYPE_CHECKING:
+    import keras_hub
 
 MODELS_CONFIG = "models.config"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
@@ -88,6 +95,7 @@ def saved_model(
     warmup_data: np.ndarray | Sequence[str | bytes] | None = None,
     models_config: bool = True,
     serving_base_path: str | None = DEFAULT_SERVING_BASE_PATH,
+    preprocessor: keras_hub.models.TextClassifierPreprocessor | None = None,
 ) -> str:
     """Exports a model for TensorFlow Serving as `<export_dir>/<version>/`.
 
@@ -99,6 +107,15 @@ def saved_model(
     under a mixed-precision policy. Labels are stored as the asset
     `assets/labels.txt`.
 
+    A text model (`build_text_classifier`) with a preprocessor gets
+    `serving_default` with input `text` (`tf.string [batch]`, tokenised in
+    the graph; invalid UTF-8 bytes become U+FFFD), `serving_tokens` (int32
+    `token_ids` and `padding_mask`) and, with labels, `classify` (a bytes
+    feature `text`). Without one, `serving_default` takes the model's own
+    inputs and `serving_tokens` is added. The server must register the
+    tensorflow-text ops the tokeniser uses (TF Serving's stock server links
+    an older tensorflow-text; see `export.signatures` for what is avoided).
+
     Args:
         model: a built Keras model, e.g. from `build_image_classifier`.
         export_dir: the model's folder, `<export root>/<name>`.
@@ -109,12 +126,18 @@ def saved_model(
         warmup_data: a few real inputs for TF Serving's warm-up records
             (`assets.extra/tf_serving_warmup_requests`): images as a float
             array `[n, h, w, 3]` (sent to `serving_default`) or image file
-            paths / encoded bytes (sent to `serving_bytes`). Needs
+            paths / encoded bytes (sent to `serving_bytes`); for a text model
+            with a preprocessor, texts (sent to `serving_default`). Needs
             `tensorflow-serving-api`.
         models_config: (re)write `<export root>/models.config` listing every
             model under the export root.
         serving_base_path: where the server sees the export root (used in
             `models.config`); None writes local absolute paths.
+        preprocessor: for a text model, a KerasHub
+            `TextClassifierPreprocessor` (e.g. `backbones.kerashub.
+            text_preprocessor(preset, sequence_length)`); None takes
+            `model.preprocessor` when the model has one (a model loaded from
+            a `.keras` file has none).
 
     Returns:
         The path of the version folder.
@@ -122,7 +145,9 @@ def saved_model(
     Raises:
         FileExistsError: `version` exists and `overwrite` is False.
         PermissionError: the folder cannot be written.
-        ValueError: bad arguments (labels count, version, top_k, warm-up data).
+        TypeError: `preprocessor` is not a `TextClassifierPreprocessor`.
+        ValueError: bad arguments (labels count, version, top_k, warm-up data,
+            a preprocessor for a model that does not take tokens).
 
     Example:
 
@@ -134,9 +159,21 @@ def saved_model(
     >>> path = saved_model(model, f"{root}/toy", labels=["no", "yes"])
     >>> os.path.basename(path), sorted(os.listdir(root))
     ('1', ['models.config', 'toy'])
+
+    A text model, served from strings (`model.preprocessor` goes into the graph):
+
+    >>> import keras_transfer as kt, tensorflow as tf
+    >>> text_model = kt.build_text_classifier("minilm", 2, weights=None,
+    ...                                       sequence_length=16, num_layers=1)
+    >>> path = saved_model(text_model, f"{root}/glosses", labels=["no", "yes"])
+    >>> served = tf.saved_model.load(path).signatures["serving_default"]
+    >>> served(text=tf.constant(["a small dog"]))["classes"].shape
+    TensorShape([1, 2])
     """
     _validate(model, export_dir, version, top_k)
     labels = signatures.validate_labels(model, labels)
+    preprocessor = signatures.serving_preprocessor(model, preprocessor)
+    model = lora.deployable(model)
     base = os.path.abspath(os.fspath(export_dir))
     if version is None:
         version = next_version(base)
@@ -146,14 +183,16 @@ def saved_model(
             f"Version {version} already exists at {target!r}. Pass overwrite=True "
             "(--overwrite) to replace it, or version=None (no --version) for the next free one."
         )
-    warmup = _warmup_requests(model, os.path.basename(base), warmup_data)
+    warmup = _warmup_requests(model, os.path.basename(base), warmup_data, preprocessor)
 
     created = staging_lib.writable_folder(base, "an export")
     staging = staging_lib.make_staging_folder(base, f"{_STAGING_PREFIX}{version}-")
     try:
         with tempfile.TemporaryDirectory() as scratch:
             labels_file = signatures.staging_labels(labels, scratch)
-            archive = signatures.serving_archive(model, labels, labels_file, top_k)
+            archive = signatures.serving_archive(
+                model, labels, labels_file, top_k, preprocessor=preprocessor
+            )
             archive.write_out(staging, verbose=False)
         signatures.mark_classify_signature(staging)
         if warmup:
@@ -178,14 +217,30 @@ def _serving_apis():
     return model_pb2, predict_pb2, prediction_log_pb2
 
 
-def _warmup_requests(model, name, warmup_data):
+def _warmup_requests(model, name, warmup_data, preprocessor=None):
     """Serialized `PredictionLog` protos, one request per example."""
     if warmup_data is None:
         return []
     import tensorflow as tf
 
+    if preprocessor is None and not signatures.is_image_model(model):
+        raise ValueError(
+            "`warmup_data` is for image models and for text models served from strings "
+            "(with a `preprocessor`). Received: a model with input_shape="
+            f"{model.input_shape} and no preprocessor"
+        )
     model_pb2, predict_pb2, prediction_log_pb2 = _serving_apis()
-    if isinstance(warmup_data, np.ndarray) and warmup_data.dtype.kind in "fiu":
+    if preprocessor is not None:
+        if isinstance(warmup_data, (str, bytes)) or not all(
+            isinstance(text, (str, bytes)) for text in warmup_data
+        ):
+            raise TypeError(
+                "`warmup_data` for a text model must be a list of texts. "
+                f"Received: {warmup_data!r:.80}"
+            )
+        signature, key = signatures.SERVING_DEFAULT, signatures.TEXT_INPUT
+        examples = [np.array([text], dtype=object) for text in warmup_data]
+    elif isinstance(warmup_data, np.ndarray) and warmup_data.dtype.kind in "fiu":
         expected = (None, *model.input_shape[1:])
         if warmup_data.ndim != 4 or tuple(warmup_data.shape[1:]) != expected[1:]:
             raise ValueError(

@@ -1,11 +1,20 @@
 """LiteRT (TFLite) export with post-training quantisation and a parity report.
 
 `tflite(model, "model.tflite", quantization=...)` converts the model's
-`serving_default` signature (input `image`, output `probabilities`: the names
-of `export.signatures`) and measures the file against the Keras model with the
-LiteRT interpreter (`ai-edge-litert`): top-1 agreement, max abs difference,
-accuracy of both, latency per image. Class names travel as `<stem>.labels.txt`
-beside the file and as a `keras_transfer.labels` metadata entry inside it.
+`serving_default` signature (input `image`, or `token_ids` and `padding_mask`
+for a text model; output `probabilities`: the names of `export.signatures`)
+and measures the file against the Keras model with the LiteRT interpreter
+(`ai-edge-litert`): top-1 agreement, max abs difference, accuracy of both,
+latency per example. Class names travel as `<stem>.labels.txt` beside the file
+and as a `keras_transfer.labels` metadata entry inside it.
+
+A text model's file takes token ids, not strings: the TFLite builtin op set
+has no WordPiece tokenizer (nor the other tensorflow-text ops), so the app
+tokenises with the model's vocabulary (`preprocessor.tokenizer`) before it
+calls the file. Full-integer int8 is for image models: token ids are not
+activations to quantise, and a text model's embeddings, layer norms and
+softmaxes do not all have int8 kernels, so text models take "dynamic" or
+"float16".
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import keras
 import numpy as np
@@ -27,6 +37,10 @@ from absl import logging
 from keras_transfer import staging as staging_lib
 from keras_transfer.export import signatures
 from keras_transfer.native_output import CapturedOutput, captured_native_output
+from keras_transfer.techniques import lora
+
+if TYPE_CHECKING:
+    import keras_hub
 
 QUANTIZATIONS = ("none", "dynamic", "float16", "int8")
 IO_TYPES = ("float32", "uint8", "int8")
@@ -60,7 +74,7 @@ class ParityReport:
         top1_agreement: share of examples where both models pick the same class.
         max_abs_diff: largest difference between the probabilities.
         keras_accuracy / tflite_accuracy: accuracy when labels were given.
-        latency_ms_mean / latency_ms_p95: LiteRT time per image (batch 1).
+        latency_ms_mean / latency_ms_p95: LiteRT time per example (batch 1).
         float_ops: ops of an int8 file that still compute in float.
     """
 
@@ -122,33 +136,64 @@ def _check_choice(name, value, allowed):
         raise ValueError(f"`{name}` must be one of {allowed}.{hint} Received: {name}={value!r}")
 
 
+def _numpy_inputs(x):
+    """Images as a float32 array, or a text model's dict of token arrays as numpy."""
+    if isinstance(x, dict):
+        return {key: np.asarray(value) for key, value in x.items()}
+    return np.asarray(x, "float32")
+
+
+def _num_examples(x):
+    return len(keras.tree.flatten(x)[0])
+
+
 def _as_arrays(data, limit=None):
-    """(images, labels or None) as numpy from a dataset, a tuple or an array."""
+    """(inputs, labels or None) as numpy from a dataset, a tuple, an array or a dict.
+
+    Inputs are an image array, or a dict of token arrays for text models.
+    """
     if data is None:
         return None, None
     if isinstance(data, tf.data.Dataset):
-        images, labels = [], []
+        inputs, labels = [], []
         count = 0
         for batch in data:
             x, y = batch if isinstance(batch, tuple) else (batch, None)
-            images.append(np.asarray(x, "float32"))
+            inputs.append(_numpy_inputs(x))
             if y is not None:
                 labels.append(np.asarray(y))
-            count += len(images[-1])
+            count += _num_examples(inputs[-1])
             if limit is not None and count >= limit:
                 break
-        if not images:
+        if not inputs:
             raise ValueError("The dataset given for export is empty.")
-        x = np.concatenate(images)
+        x = keras.tree.map_structure(lambda *parts: np.concatenate(parts), *inputs)
         y = np.concatenate(labels) if labels else None
     elif isinstance(data, tuple):
-        x, y = np.asarray(data[0], "float32"), np.asarray(data[1])
+        x, y = _numpy_inputs(data[0]), np.asarray(data[1])
     else:
-        x, y = np.asarray(data, "float32"), None
+        x, y = _numpy_inputs(data), None
     if limit is not None:
-        x = x[:limit]
+        x = keras.tree.map_structure(lambda value: value[:limit], x)
         y = None if y is None else y[:limit]
     return x, y
+
+
+def _check_token_inputs(inputs, sequence_length):
+    """Token arrays for parity must be `[n, sequence_length]`, the file's input shape."""
+    keys = (signatures.TOKEN_IDS, signatures.PADDING_MASK)
+    if not isinstance(inputs, dict) or any(key not in inputs for key in keys):
+        found = sorted(inputs) if isinstance(inputs, dict) else type(inputs).__name__
+        raise ValueError(
+            f"`evaluation_data` for a text model must hold a dict with {list(keys)} "
+            f"(a preprocessor's output). Received: {found}"
+        )
+    shapes = {key: np.shape(inputs[key]) for key in keys}
+    if any(len(shape) != 2 or shape[1] != sequence_length for shape in shapes.values()):
+        raise ValueError(
+            f"`evaluation_data` tokens must be `[n, {sequence_length}]`, the LiteRT file's "
+            f"input length. Received: shapes={shapes}"
+        )
 
 
 def _converter(saved_model_dir, quantization, representative, io_type):
@@ -262,45 +307,75 @@ def _logged_native_output(source):
 
 
 class _LiteRunner:
-    """Runs the `serving_default` signature of a `.tflite` file on float images."""
+    """Runs the `serving_default` signature of a `.tflite` file on one example at a time.
+
+    An example is an image (float pixels) or a dict of inputs by name (a text
+    model's `token_ids` and `padding_mask`); inputs the file does not take
+    (`segment_ids`) are left out.
+    """
 
     def __init__(self, path):
         with _logged_native_output("interpreter"):
             self.interpreter = _litert_interpreter()(model_path=path, num_threads=os.cpu_count())
             self.runner = self.interpreter.get_signature_runner(signatures.SERVING_DEFAULT)
-        details = self.runner.get_input_details()[signatures.IMAGE_INPUT]
-        self.input_dtype = details["dtype"]
-        self.input_quant = details["quantization"]
+        self.inputs = self.runner.get_input_details()
+        self.input_dtype = next(iter(self.inputs.values()))["dtype"]
         self.output_quant = self.runner.get_output_details()[signatures.PROBABILITIES][
             "quantization"
         ]
 
-    def __call__(self, image):
-        x = image[None].astype("float32")
-        if self.input_dtype != np.float32:
-            scale, zero = self.input_quant
-            info = np.iinfo(self.input_dtype)
-            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(self.input_dtype)
-        y = self.runner(**{signatures.IMAGE_INPUT: x})[signatures.PROBABILITIES]
+    def zeros(self):
+        """One batch of a single all-zero example, in the file's input shapes."""
+        return {name: np.zeros((1, *d["shape"][1:]), "float32") for name, d in self.inputs.items()}
+
+    def _input(self, name, value):
+        details = self.inputs[name]
+        x = np.asarray(value)[None]
+        dtype, (scale, zero) = details["dtype"], details["quantization"]
+        if np.issubdtype(dtype, np.integer) and scale:  # a quantised float input
+            info = np.iinfo(dtype)
+            x = np.clip(np.round(x.astype("float32") / scale + zero), info.min, info.max)
+        return x.astype(dtype)
+
+    def __call__(self, example):
+        if not isinstance(example, dict):
+            example = {signatures.IMAGE_INPUT: example}
+        feed = {name: self._input(name, example[name]) for name in self.inputs}
+        y = self.runner(**feed)[signatures.PROBABILITIES]
         if y.dtype != np.float32:
             scale, zero = self.output_quant
             y = (y.astype("float32") - zero) * scale
         return y[0]
 
 
-def _measure(report, model, path, images, labels):
+def _keras_inputs(model, inputs):
+    """What the Keras model gets for `inputs`: tokens as the LiteRT file sees them."""
+    if not isinstance(inputs, dict):
+        return inputs
+    specs = model.input
+    features = {key: inputs[key] for key in (signatures.TOKEN_IDS, signatures.PADDING_MASK)}
+    if signatures.SEGMENT_IDS in specs:  # the file's signature makes them zeros
+        features[signatures.SEGMENT_IDS] = np.zeros_like(features[signatures.TOKEN_IDS])
+    return {key: np.asarray(value).astype(specs[key].dtype) for key, value in features.items()}
+
+
+def _measure(report, model, path, inputs, labels):
     runner = _LiteRunner(path)
-    if images is None:
-        images = np.zeros((1, *model.input_shape[1:]), "float32")
-        compare = False
-    else:
-        compare = True
+    compare = inputs is not None
+    if inputs is None:
+        inputs = runner.zeros()
+        if signatures.IMAGE_INPUT in inputs:
+            inputs = inputs[signatures.IMAGE_INPUT]
+    examples = [
+        keras.tree.map_structure(lambda value, i=i: value[i], inputs)
+        for i in range(_num_examples(inputs))
+    ]
     with _logged_native_output("interpreter"):  # the first call applies the XNNPACK delegate
-        runner(images[0])  # warm-up
+        runner(examples[0])  # warm-up
     lite, times = [], []
-    for image in images:
+    for example in examples:
         start = time.perf_counter()
-        lite.append(runner(image))
+        lite.append(runner(example))
         times.append(time.perf_counter() - start)
     times = np.array(times[:LATENCY_SAMPLES]) * 1e3
     report.latency_ms_mean = float(times.mean())
@@ -308,8 +383,9 @@ def _measure(report, model, path, images, labels):
     if not compare:
         return
     lite = np.stack(lite)
-    reference = np.asarray(model.predict(images, batch_size=32, verbose=0), "float32")
-    report.num_examples = len(images)
+    reference = model.predict(_keras_inputs(model, inputs), batch_size=32, verbose=0)
+    reference = np.asarray(reference, "float32")
+    report.num_examples = len(examples)
     report.top1_agreement = float(np.mean(lite.argmax(-1) == reference.argmax(-1)))
     report.max_abs_diff = float(np.abs(lite - reference).max())
     if labels is not None:
@@ -332,20 +408,25 @@ def tflite(
     num_evaluation_samples: int | None = None,
     allow_float_ops: bool = False,
     source_dir: str | None = None,
+    preprocessor: keras_hub.models.TextClassifierPreprocessor | None = None,
     verbose: bool = True,
 ) -> ParityReport:
-    """Converts an image model to a LiteRT (`.tflite`) file and reports parity.
+    """Converts an image or text model to a LiteRT (`.tflite`) file and reports parity.
 
     The file has one signature, `serving_default`: input `image` (pixels
-    0..255, `[batch, h, w, 3]`), output `probabilities`; the model runs in
+    0..255, `[batch, h, w, 3]`), or for a text model `token_ids` and
+    `padding_mask` (int32 `[batch, sequence_length]`, mask 1 for tokens and 0
+    for padding; strings cannot go in: the TFLite builtin op set has no
+    WordPiece tokenizer); output `probabilities`. The model runs in
     inference mode (augmentation and dropout off). Quantisation modes:
     `"none"` (float32), `"dynamic"` (int8 weights, float activations),
-    `"float16"` (float16 weights) and `"int8"` (full-integer post-training
-    quantisation calibrated on `representative_data`; every op in int8, or
-    an error that names why).
+    `"float16"` (float16 weights) and `"int8"` (image models only:
+    full-integer post-training quantisation calibrated on
+    `representative_data`; every op in int8, or an error that names why).
 
     Args:
-        model: a built Keras image model.
+        model: a built Keras image model, or a text model taking
+            `token_ids` and `padding_mask` (`build_text_classifier`).
         path: the `.tflite` file to write (replaced if it exists).
         quantization: one of `QUANTIZATIONS`.
         representative_data: training images for int8 calibration: a
@@ -353,8 +434,10 @@ def tflite(
             array `[n, h, w, 3]`. Required for "int8".
         evaluation_data: held-out data for the parity report: a dataset of
             `(images, labels)` batches, an `(images, labels)` tuple or an
-            image array. None compares on the calibration images (int8) or
-            only measures size and latency.
+            image array; for a text model the same with the preprocessor's
+            token dicts (`[n, sequence_length]` arrays) in place of images.
+            None compares on the calibration images (int8) or only
+            measures size and latency.
         labels: class names; written beside the file and into its metadata.
         io_type: input/output dtype: "float32", or "uint8"/"int8" (int8 only).
         num_calibration_samples: calibration images taken from
@@ -367,15 +450,18 @@ def tflite(
         source_dir: a folder written by `write_conversion_source(model,
             ...)` to convert from; None writes one in a temporary folder.
             Several files of one model share it (`export_model` does).
+        preprocessor: text models: the KerasHub preprocessor whose
+            `sequence_length` fixes the file's input length (None:
+            `model.preprocessor`, or the model's own fixed input length).
         verbose: print the parity table.
 
     Returns:
         A `ParityReport`, also written as `<stem>.parity.json` beside `path`.
 
     Raises:
-        ValueError: bad arguments, int8 without representative data, or an
-            int8 conversion that cannot make every op integer (the error
-            names the ops; nothing is written).
+        ValueError: bad arguments, int8 without representative data or for
+            a text model, or an int8 conversion that cannot make every op
+            integer (the error names the ops; nothing is written).
 
     Example:
 
@@ -388,22 +474,12 @@ def tflite(
     >>> report.top1_agreement, report.max_abs_diff < 1e-5
     (1.0, True)
     """
-    _check_choice("quantization", quantization, QUANTIZATIONS)
+    check_quantization(model, quantization, representative_data)
     _check_choice("io_type", io_type, IO_TYPES)
-    if not signatures.is_image_model(model):
-        raise ValueError(
-            "LiteRT export takes models with one `[batch, h, w, 3]` image input. "
-            f"Received: input_shape={model.input_shape}"
-        )
     if io_type != "float32" and quantization != "int8":
         raise ValueError(
             "Integer inputs and outputs need quantization='int8'. "
             f"Received: quantization={quantization!r}, io_type={io_type!r}"
-        )
-    if quantization == "int8" and representative_data is None:
-        raise ValueError(
-            "quantization='int8' needs `representative_data`: about 100 training images "
-            "to calibrate activation ranges. Received: representative_data=None"
         )
     for name, value, optional in (
         ("num_calibration_samples", num_calibration_samples, False),
@@ -416,6 +492,7 @@ def tflite(
         allowed = "None or an integer >= 1" if optional else "an integer >= 1"
         raise ValueError(f"`{name}` must be {allowed}. Received: {name}={value!r}")
     labels = signatures.validate_labels(model, labels)
+    model = lora.deployable(model)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
@@ -424,11 +501,16 @@ def tflite(
     representative = None
     if quantization == "int8":
         representative, _ = _as_arrays(representative_data, num_calibration_samples)
+    inputs, truth = _as_arrays(evaluation_data, num_evaluation_samples)
+    if signatures.is_token_model(model):
+        sequence_length = _sequence_length(model, preprocessor)
+        if inputs is not None:
+            _check_token_inputs(inputs, sequence_length)
 
     with contextlib.ExitStack() as stack:
         if source_dir is None:
             source_dir = stack.enter_context(tempfile.TemporaryDirectory())
-            write_conversion_source(model, source_dir)
+            write_conversion_source(model, source_dir, preprocessor=preprocessor)
         converter = _converter(source_dir, quantization, representative, io_type)
         try:
             with _logged_native_output("converter"):
@@ -458,25 +540,91 @@ def tflite(
         signatures.write_labels(labels, f"{stem}.labels.txt")
     report.size_bytes = os.path.getsize(path)
 
-    images, truth = _as_arrays(evaluation_data, num_evaluation_samples)
-    if images is None and representative is not None:
-        images = representative
-    _measure(report, model, path, images, truth)
+    if inputs is None and representative is not None:
+        inputs = representative
+    _measure(report, model, path, inputs, truth)
     staging_lib.write_atomic(f"{stem}.parity.json", json.dumps(report.to_dict(), indent=2))
     if verbose:
         print(format_parity_table([report]))
     return report
 
 
-def write_conversion_source(model: keras.Model, folder: str) -> str:
+def check_quantization(
+    model: keras.Model, quantization: str, representative_data: object = None
+) -> None:
+    """Checks, before any work, that `model` converts to LiteRT with `quantization`.
+
+    Args:
+        model: a built Keras image or text model.
+        quantization: one of `QUANTIZATIONS`.
+        representative_data: the calibration data "int8" needs (only
+            checked for None here).
+
+    Raises:
+        ValueError: an unknown mode, a model that takes neither one image nor
+            tokens, "int8" for a text model, or "int8" without data.
+
+    Example:
+
+    >>> import keras
+    >>> model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Flatten()])
+    >>> check_quantization(model, "int8")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: quantization='int8' needs `representative_data`: ...
+    """
+    _check_choice("quantization", quantization, QUANTIZATIONS)
+    text = signatures.is_token_model(model)
+    if not (text or signatures.is_image_model(model)):
+        raise ValueError(
+            "LiteRT export takes models with one `[batch, h, w, 3]` image input or a dict "
+            f"of {signatures.TOKEN_IDS!r} and {signatures.PADDING_MASK!r}. "
+            f"Received: input_shape={model.input_shape}"
+        )
+    if quantization == "int8" and text:
+        raise ValueError(
+            "quantization='int8' (full-integer) is for image models: a text model's token "
+            "ids are not activations to calibrate. Use 'dynamic' or 'float16'. "
+            "Received: quantization='int8' for a text model"
+        )
+    if quantization == "int8" and representative_data is None:
+        raise ValueError(
+            "quantization='int8' needs `representative_data`: about 100 training images "
+            "to calibrate activation ranges. Received: representative_data=None"
+        )
+
+
+def _sequence_length(model, preprocessor):
+    """Tokens per text in a LiteRT file: the model's fixed input length, else the preprocessor's."""
+    length = model.input[signatures.TOKEN_IDS].shape[1]
+    if length is not None:
+        return int(length)
+    preprocessor = signatures.serving_preprocessor(model, preprocessor)
+    if preprocessor is None:
+        raise ValueError(
+            "A text model's LiteRT file takes a fixed number of tokens: pass `preprocessor` "
+            "(its `sequence_length` is used) or build the model with fixed-length inputs. "
+            "Received: preprocessor=None and inputs of any length"
+        )
+    return int(preprocessor.sequence_length)
+
+
+def write_conversion_source(
+    model: keras.Model,
+    folder: str,
+    *,
+    preprocessor: keras_hub.models.TextClassifierPreprocessor | None = None,
+) -> str:
     """Writes the SavedModel that LiteRT files of `model` are converted from.
 
-    It holds the `serving_default` signature only (input `image`, output
+    It holds the `serving_default` signature only (input `image`, or
+    `token_ids` and `padding_mask` for a text model; output
     `probabilities`), with float32 compute (see `float32_model`).
 
     Args:
-        model: a built Keras image model.
+        model: a built Keras image or text model.
         folder: an empty or missing folder.
+        preprocessor: text models: as in `tflite` (fixes the token count).
 
     Returns:
         `folder`.
@@ -491,7 +639,8 @@ def write_conversion_source(model: keras.Model, folder: str) -> str:
     >>> os.path.isfile(f"{source}/saved_model.pb")
     True
     """
-    archive = signatures.serving_archive(float32_model(model), bytes_signature=False)
+    length = _sequence_length(model, preprocessor) if signatures.is_token_model(model) else None
+    archive = signatures.conversion_archive(float32_model(model), length)
     archive.write_out(folder, verbose=False)
     return folder
 

@@ -506,3 +506,23 @@ def merge(model: keras.Model) -> keras.Model:
     if preprocessor is not None:
         object.__setattr__(merged, "preprocessor", preprocessor)
     return merged
+
+
+def deployable(model: keras.Model) -> keras.Model:
+    """`merge(model)` when the model has LoRA adapters, else `model` itself.
+
+    `kt.export` calls it, so a LoRA model ships as the plain merged model.
+
+    Args:
+        model: any Keras model.
+
+    Returns:
+        A model without adapters.
+
+    Example:
+    >>> import keras
+    >>> plain = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> deployable(plain) is plain
+    True
+    """
+    return merge(model) if lora_layers(model) else model
