@@ -69,17 +69,8 @@ def check_preset(preset, *, kind: str = "text") -> str:
             f"A {kind} backbone preset must be a non-empty string. Received: {preset!r}"
         )
     path = resolve_preset(preset)
-    if path.startswith(_REMOTE_PREFIXES):
+    if preset_location(path) is not None:
         return path
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, _CONFIG_FILE)):
-            raise ValueError(
-                f"{path!r} is not a KerasHub preset or Hugging Face model directory: it has "
-                f"no {_CONFIG_FILE}. Save one with `save_to_preset`, or pass a preset name."
-            )
-        return path
-    if os.sep in path or path.startswith("."):
-        raise FileNotFoundError(f"Preset directory not found. Received: preset={preset!r}")
     names = sorted(_keras_hub().models.Backbone.presets)
     if path not in names:
         raise ValueError(
@@ -88,6 +79,40 @@ def check_preset(preset, *, kind: str = "text") -> str:
             f"{suggest(preset, names)}"
         )
     return path
+
+
+def preset_location(preset: str, name: str = "preset") -> str | None:
+    """`preset` when it is a remote handle or a local preset directory; None for a name.
+
+    Args:
+        preset: a preset handle, directory or name.
+        name: the argument's name, for messages.
+
+    Returns:
+        `preset`, or None when it is neither a handle nor a path.
+
+    Raises:
+        ValueError: a directory without the preset's `config.json`.
+        FileNotFoundError: a path that does not exist.
+
+    Example:
+    >>> preset_location("hf://user/model"), preset_location("bert_base_en")
+    ('hf://user/model', None)
+    """
+    if preset.startswith(_REMOTE_PREFIXES):
+        return preset
+    if os.path.isdir(preset):
+        if not os.path.isfile(os.path.join(preset, _CONFIG_FILE)):
+            raise ValueError(
+                f"{preset!r} is not a KerasHub preset or Hugging Face model directory: it has "
+                f"no {_CONFIG_FILE}. Write one with `save_to_preset(dir)` (an image preset "
+                f"also needs its image converter's), or pass a preset name. "
+                f"Received: {name}={preset!r}"
+            )
+        return preset
+    if os.sep in preset or preset.startswith("."):
+        raise FileNotFoundError(f"Preset directory not found. Received: {name}={preset!r}")
+    return None
 
 
 def resolve_preset(preset: str) -> str:

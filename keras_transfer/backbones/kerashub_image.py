@@ -28,16 +28,13 @@ import keras_hub
 import numpy as np
 from keras_hub.src.models.vit import vit_layers
 
+from keras_transfer.backbones.kerashub import preset_location
 from keras_transfer.backbones.registry import BACKBONE_NAME, get_backbone_spec, list_backbones
 
 # `weights` for a preset: a named value loads the preset's weights (ImageNet
 # for every built-in KerasHub image classifier preset), None initialises at
 # random. A Backbone object keeps the weights it has.
 KERASHUB_IMAGE_WEIGHTS = ("imagenet", "pretrained", None)
-# Preset handles KerasHub downloads from (besides its built-in preset names).
-_REMOTE_PREFIXES = ("kaggle://", "hf://", "gs://", "modelscope://")
-# The file every KerasHub (and Hugging Face / timm) preset directory holds.
-_CONFIG_FILE = "config.json"
 _CONVERTER_FILE = "image_converter.json"
 
 
@@ -115,19 +112,8 @@ def kerashub_image_source(backbone):
         return None
     except ValueError:
         pass
-    if backbone.startswith(_REMOTE_PREFIXES):
+    if preset_location(backbone, "backbone") is not None:
         return backbone
-    if os.path.isdir(backbone):
-        if not os.path.isfile(os.path.join(backbone, _CONFIG_FILE)):
-            raise ValueError(
-                f"{backbone!r} is not a KerasHub preset or Hugging Face model directory: "
-                f"it has no {_CONFIG_FILE}. Write one with `backbone.save_to_preset(dir)` "
-                "(and `image_converter.save_to_preset(dir)`). "
-                f"Received: backbone={backbone!r}"
-            )
-        return backbone
-    if os.sep in backbone or backbone.startswith("."):
-        raise FileNotFoundError(f"Preset directory not found. Received: backbone={backbone!r}")
     presets = list_kerashub_image_presets()
     if backbone in presets:
         return backbone

@@ -41,6 +41,36 @@ _PROGRESS_EVERY = 100
 _MAX_LISTED = 5
 
 
+def class_files(directory: str, label: str, extensions: Sequence[str]) -> list[str]:
+    """The files of one class folder (subfolders included) with these extensions, sorted.
+
+    Hidden files (`._x.jpg` from macOS) are metadata and are left out;
+    symbolic links to folders are followed.
+
+    Args:
+        directory: the dataset folder.
+        label: the class subfolder.
+        extensions: lower-case extensions, e.g. `(".txt",)`.
+
+    Returns:
+        Paths, sorted.
+
+    Example:
+    >>> import tempfile, os
+    >>> root = tempfile.mkdtemp(); os.makedirs(f"{root}/cat")
+    >>> for name in ("b.JPG", "a.png", ".hidden.png", "notes.md"):
+    ...     open(f"{root}/cat/{name}", "w").close()
+    >>> [os.path.basename(p) for p in class_files(root, "cat", (".png", ".jpg"))]
+    ['a.png', 'b.JPG']
+    """
+    return sorted(
+        os.path.join(root, file)
+        for root, _, names in os.walk(os.path.join(directory, label), followlinks=True)
+        for file in names
+        if file.lower().endswith(tuple(extensions)) and not file.startswith(".")
+    )
+
+
 def _validate_arrays(images, labels, class_names):
     images, labels = np.asarray(images), np.asarray(labels)
     if not np.issubdtype(images.dtype, np.number) or images.ndim not in (3, 4):
@@ -180,13 +210,7 @@ def _list_images(directory):
         )
     files = []
     for name in classes:
-        found = sorted(
-            os.path.join(root, file)
-            for root, _, names in os.walk(os.path.join(directory, name), followlinks=True)
-            for file in names
-            # Hidden files ("._x.jpg" from macOS) are metadata, not images.
-            if file.lower().endswith(IMAGE_EXTENSIONS) and not file.startswith(".")
-        )
+        found = class_files(directory, name, IMAGE_EXTENSIONS)
         if not found:
             raise ValueError(
                 f"class folder '{name}' has no images (extensions {IMAGE_EXTENSIONS}) in "

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from keras_transfer.data.images import IMAGE_EXTENSIONS, ON_ERROR_MODES
+from keras_transfer.data.images import IMAGE_EXTENSIONS, ON_ERROR_MODES, class_files
 from keras_transfer.data.splits import cap_per_class, suggest, validate_max
 
 TEXT_FILE_EXTENSIONS = (".csv", ".jsonl", ".tsv")
@@ -163,12 +163,7 @@ def _read_folder(directory, rows):
             f"Received: '{directory}' has no subfolders"
         )
     for label in classes:
-        files = sorted(
-            os.path.join(root, file)
-            for root, _, names in os.walk(os.path.join(directory, label), followlinks=True)
-            for file in names
-            if file.lower().endswith(TEXT_FOLDER_EXTENSION) and not file.startswith(".")
-        )
+        files = class_files(directory, label, (TEXT_FOLDER_EXTENSION,))
         if not files:
             raise ValueError(
                 f"class folder '{label}' has no {TEXT_FOLDER_EXTENSION} files in '{directory}'"
