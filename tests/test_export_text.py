@@ -222,7 +222,7 @@ def test_litert_takes_token_ids(model, exported):
     assert report.num_examples == len(TEXTS) and report.top1_agreement == 1.0
     assert report.max_abs_diff <= 1e-5
     details = _LiteRunner(report.path).runner.get_input_details()
-    assert sorted(details) == ["padding_mask", "token_ids"]
+    assert sorted(details) == ["padding_mask", "segment_ids", "token_ids"]
     for spec in details.values():
         assert spec["dtype"] == np.int32 and list(spec["shape"]) == [1, SEQUENCE_LENGTH]
     assert export.read_tflite_labels(report.path) == LABELS

@@ -205,3 +205,55 @@ def test_unknown_input_range_gets_no_normalization_and_a_note(tmp_path):
     _classifier(path)
     with pytest.raises(ValueError, match=r"Received: normalization=\(0, 0\)"):
         export.tflite(plain, str(path), normalization=(0, 0), verbose=False)
+
+
+def test_text_file_runs_in_mediapipe_text_classifier(tmp_path):
+    """BERT metadata (WordPiece vocabulary, ids/mask/segment_ids): MediaPipe tokenises on device."""
+    from mediapipe.tasks.python import text
+
+    keras.utils.set_random_seed(0)
+    model = kt.build_text_classifier(
+        "minilm",
+        3,
+        weights=None,
+        sequence_length=16,
+        num_layers=1,
+        hidden_dim=32,
+        intermediate_dim=64,
+        num_heads=2,
+        dropout=0.0,
+    )
+    texts = [
+        "a small dog",
+        "an edible fruit with a hard shell and many seeds inside it, of several kinds",
+        "HELLO World! It's 2026.",
+        "Ünïcödé café 東京",
+        "",
+    ]
+    tokens = {k: v.numpy() for k, v in model.preprocessor(texts).items()}
+    # A head that reads what differs between the texts' pooled vectors, so a
+    # token MediaPipe got wrong would change the answer.
+    features = keras.Model(model.input, model.get_layer("mean_pool").output).predict(
+        tokens, verbose=0
+    )
+    spread = np.linalg.norm(features - features.mean(0), axis=1).mean()
+    kernel = np.random.default_rng(0).normal(0, 3 / spread, (features.shape[1], 3))
+    model.get_layer("head").set_weights([kernel, -features.mean(0) @ kernel])
+    expected = model.predict(tokens, verbose=0)
+    assert np.ptp(expected, axis=0).max() > 0.1, expected  # the texts get different answers
+    path = tmp_path / "topics.tflite"
+    export.tflite(model, str(path), labels=["x", "y", "z"], evaluation_data=tokens, verbose=False)
+    info = metadata.read_metadata(path.read_bytes())
+    assert info["tokenizer"] == {"type": "bert", "vocab_file": "vocab.txt"}
+    assert sorted(t["name"] for t in info["inputs"]) == ["ids", "mask", "segment_ids"]
+    assert info["labels"] == ["x", "y", "z"] and info["min_parser_version"] == "1.1.0"
+
+    options = text.TextClassifierOptions(base_options=BaseOptions(model_asset_path=str(path)))
+    classifier = text.TextClassifier.create_from_options(options)
+    for sentence, probabilities in zip(texts, expected, strict=True):
+        categories = classifier.classify(sentence).classifications[0].categories
+        served = np.zeros(3)
+        for category in categories:
+            served[category.index] = category.score
+            assert category.category_name == ["x", "y", "z"][category.index]
+        np.testing.assert_allclose(served, probabilities, atol=1e-5, err_msg=sentence)

@@ -49,10 +49,16 @@ from flatbuffers.table import Table
 METADATA_NAME = "TFLITE_METADATA"
 METADATA_IDENTIFIER = b"M001"
 LABELS_FILE = "labels.txt"
-# Features of the schema used here all date from metadata parser 1.0.0.
+VOCABULARY_FILE = "vocab.txt"
+# The image tables date from metadata parser 1.0.0; BertTokenizerOptions from 1.1.0.
 MIN_PARSER_VERSION = "1.0.0"
+BERT_MIN_PARSER_VERSION = "1.1.0"
+# The metadata names MediaPipe's BERT preprocessor looks its inputs up by.
+BERT_INPUT_NAMES = {"token_ids": "ids", "padding_mask": "mask", "segment_ids": "segment_ids"}
 # Enum values of metadata_schema.fbs.
 TENSOR_AXIS_LABELS = 2
+VOCABULARY = 5
+_BERT_TOKENIZER_OPTIONS = 4  # ProcessUnitOptions union
 _RGB = 1
 _FEATURE_PROPERTIES, _IMAGE_PROPERTIES = 1, 2  # ContentProperties union
 _NORMALIZATION_OPTIONS = 1  # ProcessUnitOptions union
@@ -176,8 +182,23 @@ def image_classifier_metadata(
         ],
     )
 
-    # Output: class probabilities, the labels as an associated file.
     files = {}
+    output_tensor = _probabilities_tensor(builder, labels, files)
+    return _finish(
+        builder,
+        name=name,
+        description=description,
+        version=version,
+        inputs=[input_tensor],
+        outputs=[output_tensor],
+        author=author,
+        license=license,
+        min_parser_version=MIN_PARSER_VERSION,
+    ), files
+
+
+def _probabilities_tensor(builder, labels, files):
+    """The output tensor: class probabilities, the labels as an associated file."""
     label_files = None
     if labels:
         files[LABELS_FILE] = ("\n".join(labels) + "\n").encode("utf-8")
@@ -194,7 +215,7 @@ def image_classifier_metadata(
     output_name, output_description = _strings(
         builder, ("probabilities", "Probability of each class (softmax).")
     )
-    output_tensor = _table(
+    return _table(
         builder,
         [
             (0, "offset", output_name),
@@ -204,10 +225,29 @@ def image_classifier_metadata(
             (6, "offset", label_files),
         ],
     )
-    inputs, outputs = _vector(builder, [input_tensor]), _vector(builder, [output_tensor])
-    subgraph = _table(builder, [(2, "offset", inputs), (3, "offset", outputs)])
+
+
+def _finish(
+    builder,
+    *,
+    name,
+    description,
+    version,
+    inputs,
+    outputs,
+    author=None,
+    license=None,
+    input_process_units=None,
+    min_parser_version=MIN_PARSER_VERSION,
+) -> bytes:
+    """Wraps tensors into SubGraphMetadata and ModelMetadata; returns the finished bytes."""
+    inputs, outputs = _vector(builder, inputs), _vector(builder, outputs)
+    units = _vector(builder, input_process_units) if input_process_units else None
+    subgraph = _table(
+        builder, [(2, "offset", inputs), (3, "offset", outputs), (5, "offset", units)]
+    )
     subgraphs = _vector(builder, [subgraph])
-    texts = _strings(builder, (name, description, version, author, license, MIN_PARSER_VERSION))
+    texts = _strings(builder, (name, description, version, author, license, min_parser_version))
     root = _table(
         builder,
         [
@@ -221,7 +261,83 @@ def image_classifier_metadata(
         ],
     )
     builder.Finish(root, file_identifier=METADATA_IDENTIFIER)
-    return bytes(builder.Output()), files
+    return bytes(builder.Output())
+
+
+def bert_classifier_metadata(
+    *,
+    name: str,
+    description: str,
+    version: str,
+    input_order: Sequence[str],
+    labels: Sequence[str] | None,
+    vocabulary: Sequence[str],
+) -> tuple[bytes, dict[str, bytes]]:
+    """Metadata of a BERT-style text classifier, as MediaPipe's `TextClassifier` reads it.
+
+    MediaPipe tokenises on the device with a WordPiece `BertTokenizerOptions`
+    process unit (the vocabulary as an associated `VOCABULARY` file) and finds
+    the three int32 inputs by their metadata names `ids`, `mask` and
+    `segment_ids`.
+
+    Args:
+        name: the model's name.
+        description: what it does.
+        version: the model's version string.
+        input_order: the file's input tensors in subgraph order, each one of
+            `"token_ids"`, `"padding_mask"`, `"segment_ids"`.
+        labels: class names in output order, or None.
+        vocabulary: the WordPiece vocabulary, one token per id.
+
+    Returns:
+        `(metadata bytes, {file name: bytes})`.
+
+    Example:
+    >>> data, files = bert_classifier_metadata(
+    ...     name="topics", description="", version="1",
+    ...     input_order=["padding_mask", "segment_ids", "token_ids"],
+    ...     labels=["a", "b"], vocabulary=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "dog"])
+    >>> sorted(files), [t["name"] for t in _tensors(data)]
+    (['labels.txt', 'vocab.txt'], ['mask', 'segment_ids', 'ids'])
+    """
+    unknown = sorted(set(input_order) - set(BERT_INPUT_NAMES))
+    if unknown or len(set(input_order)) != len(BERT_INPUT_NAMES):
+        raise ValueError(
+            f"A BERT classifier's inputs must be {sorted(BERT_INPUT_NAMES)}. "
+            f"Received: {list(input_order)}"
+        )
+    builder = flatbuffers.Builder(1024)
+    files = {VOCABULARY_FILE: ("\n".join(vocabulary) + "\n").encode("utf-8")}
+    vocab_file = _associated_file(
+        builder, VOCABULARY_FILE, "WordPiece vocabulary, one token per id.", VOCABULARY
+    )
+    options = _table(builder, [(0, "offset", _vector(builder, [vocab_file]))])
+    tokenizer = _table(builder, [(0, "ubyte", _BERT_TOKENIZER_OPTIONS), (1, "offset", options)])
+    descriptions = {
+        "token_ids": "WordPiece token ids: [CLS] text [SEP], then 0 padding.",
+        "padding_mask": "1 for a token, 0 for padding.",
+        "segment_ids": "0 for every token (one text).",
+    }
+    inputs = []
+    for key in input_order:
+        tensor_name, tensor_description = _strings(
+            builder, (BERT_INPUT_NAMES[key], descriptions[key])
+        )
+        inputs.append(
+            _table(builder, [(0, "offset", tensor_name), (1, "offset", tensor_description)])
+        )
+    output_tensor = _probabilities_tensor(builder, labels, files)
+    data = _finish(
+        builder,
+        name=name,
+        description=description,
+        version=version,
+        inputs=inputs,
+        outputs=[output_tensor],
+        input_process_units=[tokenizer],
+        min_parser_version=BERT_MIN_PARSER_VERSION,
+    )
+    return data, files
 
 
 def populate(flatbuffer: bytes, metadata: bytes, files: dict[str, bytes]) -> bytes:
@@ -358,6 +474,12 @@ def _tensor_info(tensor: _Reader) -> dict:
     return info
 
 
+def _tensors(metadata: bytes) -> list[dict]:
+    """The input tensors' info of a metadata flatbuffer (for checks)."""
+    root = _Reader(metadata, flatbuffers.encode.Get(flatbuffers.packer.uoffset, metadata, 0))
+    return [_tensor_info(t) for t in root.tables(3)[0].tables(2)]
+
+
 def read_metadata(data: bytes) -> dict | None:
     """The standard metadata of a `.tflite` file's bytes, as a dict (None without any).
 
@@ -366,7 +488,7 @@ def read_metadata(data: bytes) -> dict | None:
 
     Returns:
         `{"name", "description", "version", "min_parser_version", "inputs",
-        "outputs", "files", "labels"}`: tensor entries with their
+        "outputs", "tokenizer", "files", "labels"}`: tensor entries with their
         normalisation, colour space, image size and associated files;
         `files` lists the appended archive's names; `labels` the output's
         `TENSOR_AXIS_LABELS` file, split into lines (None without one).
@@ -397,6 +519,7 @@ def read_metadata(data: bytes) -> dict | None:
         "min_parser_version": root.string(7),
         "inputs": [_tensor_info(t) for t in subgraph.tables(2)] if subgraph else [],
         "outputs": [_tensor_info(t) for t in subgraph.tables(3)] if subgraph else [],
+        "tokenizer": _tokenizer(subgraph),
         "files": sorted(files),
         "labels": None,
     }
@@ -405,6 +528,14 @@ def read_metadata(data: bytes) -> dict | None:
             if file["type"] == TENSOR_AXIS_LABELS and file["name"] in files:
                 result["labels"] = files[file["name"]].decode("utf-8").splitlines()
     return result
+
+
+def _tokenizer(subgraph) -> dict | None:
+    for unit in subgraph.tables(5) if subgraph else []:
+        if unit.scalar(0, number_types.Uint8Flags) == _BERT_TOKENIZER_OPTIONS:
+            files = unit.union(1).tables(0)
+            return {"type": "bert", "vocab_file": files[0].string(0) if files else None}
+    return None
 
 
 def _archive(data: bytes) -> dict[str, bytes]:

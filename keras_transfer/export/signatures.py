@@ -264,18 +264,24 @@ def _run_tokens(model, named_outputs):
     return run
 
 
-def _token_endpoint(model, named_outputs, sequence_length=None):
-    """`serve_tokens(token_ids, padding_mask)` (int32) and its input signature."""
+def _token_endpoint(model, named_outputs, sequence_length=None, segments=False):
+    """`serve_tokens(token_ids, padding_mask[, segment_ids])` (int32) and its input signature.
+
+    `segments=True` (LiteRT files) takes `segment_ids` too: the three inputs
+    of a BERT classifier that MediaPipe's `TextClassifier` feeds.
+    """
     run = _run_tokens(model, named_outputs)
     length = sequence_length or model.input[TOKEN_IDS].shape[1]
+    names = (TOKEN_IDS, PADDING_MASK, SEGMENT_IDS) if segments else (TOKEN_IDS, PADDING_MASK)
 
     def serve_tokens(token_ids, padding_mask):
         return run({TOKEN_IDS: token_ids, PADDING_MASK: padding_mask})
 
-    specs = [
-        tf.TensorSpec([None, length], tf.int32, name=name) for name in (TOKEN_IDS, PADDING_MASK)
-    ]
-    return serve_tokens, specs
+    def serve_segments(token_ids, padding_mask, segment_ids):
+        return run({TOKEN_IDS: token_ids, PADDING_MASK: padding_mask, SEGMENT_IDS: segment_ids})
+
+    specs = [tf.TensorSpec([None, length], tf.int32, name=name) for name in names]
+    return (serve_segments if segments else serve_tokens), specs
 
 
 def _add_classify(archive, labels, feature, serve):
@@ -379,8 +385,9 @@ def conversion_archive(
     """An `ExportArchive` with one numeric `serving_default`, for LiteRT conversion.
 
     Image models take `image` as in `serving_archive`; text models take
-    `token_ids` and `padding_mask` (int32 `[batch, sequence_length]`), the
-    inputs of `serving_tokens`: strings cannot go into a LiteRT file.
+    `token_ids`, `padding_mask` and `segment_ids` (int32 `[batch,
+    sequence_length]`; the three inputs MediaPipe's BERT `TextClassifier`
+    feeds): strings cannot go into a LiteRT file.
 
     Args:
         model: a built Keras image or text model.
@@ -410,7 +417,7 @@ def conversion_archive(
     if is_image_model(model):
         archive.add_endpoint(SERVING_DEFAULT, *_image_endpoint(model, named_outputs))
     elif is_token_model(model):
-        endpoint = _token_endpoint(model, named_outputs, sequence_length)
+        endpoint = _token_endpoint(model, named_outputs, sequence_length, segments=True)
         archive.add_endpoint(SERVING_DEFAULT, *endpoint)
     else:
         raise ValueError(

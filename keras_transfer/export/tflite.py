@@ -1,20 +1,24 @@
 """LiteRT (TFLite) export with post-training quantisation and a parity report.
 
 `tflite(model, "model.tflite", quantization=...)` converts the model's
-`serving_default` signature (input `image`, or `token_ids` and `padding_mask`
-for a text model; output `probabilities`: the names of `export.signatures`)
+`serving_default` signature (input `image`, or `token_ids`, `padding_mask` and
+`segment_ids` for a text model; output `probabilities`: the names of
+`export.signatures`)
 and measures the file against the Keras model with the LiteRT interpreter
 (`ai-edge-litert`): top-1 agreement, max abs difference, accuracy of both,
-latency per example. Image models get the standard TFLite metadata that
-MediaPipe Tasks' `ImageClassifier` needs (`export.metadata`: normalisation,
-colour space, the labels as an associated file); class names also travel as
-`<stem>.labels.txt` beside the file (and, for text models, as a
-`keras_transfer.labels` metadata entry inside it).
+latency per example. Files get the standard TFLite metadata that MediaPipe
+Tasks reads (`export.metadata`): image models what `ImageClassifier` needs
+(normalisation, colour space, the labels as an associated file), BERT-style
+text models what `TextClassifier` needs (the WordPiece vocabulary for its
+on-device tokenizer, inputs named `ids` / `mask` / `segment_ids`, the labels).
+Class names also travel as `<stem>.labels.txt` beside the file (text models
+without a known WordPiece vocabulary keep them in a `keras_transfer.labels`
+metadata entry instead).
 
 A text model's file takes token ids, not strings: the TFLite builtin op set
-has no WordPiece tokenizer (nor the other tensorflow-text ops), so the app
-tokenises with the model's vocabulary (`preprocessor.tokenizer`) before it
-calls the file. Full-integer int8 is for image models: token ids are not
+has no WordPiece tokenizer (nor the other tensorflow-text ops), so the client
+tokenises with the model's vocabulary before it calls the file (MediaPipe's
+`TextClassifier` does it from the metadata). Full-integer int8 is for image models: token ids are not
 activations to quantise, and a text model's embeddings, layer norms and
 softmaxes do not all have int8 kernels, so text models take "dynamic" or
 "float16".
@@ -335,10 +339,46 @@ def image_normalization(model: keras.Model, normalization="auto") -> tuple[float
     return float(normalization[0]), float(normalization[1])
 
 
-def _with_metadata(flatbuffer, model, labels, normalization, version, description):
-    """Standard metadata for image models (MediaPipe Tasks); our labels entry for text."""
-    if not signatures.is_image_model(model):
+def _input_order(flatbuffer: bytes) -> list[str]:
+    """The signature input names of a `.tflite` file, in subgraph input order."""
+    model = _schema().Model.GetRootAs(flatbuffer, 0)
+    signature = model.SignatureDefs(0)
+    by_tensor = {
+        signature.Inputs(i).TensorIndex(): signature.Inputs(i).Name().decode()
+        for i in range(signature.InputsLength())
+    }
+    graph = model.Subgraphs(signature.SubgraphIndex())
+    return [by_tensor.get(graph.Inputs(i), "") for i in range(graph.InputsLength())]
+
+
+def _text_metadata(flatbuffer, model, labels, version, description, preprocessor):
+    """MediaPipe `TextClassifier` metadata for a BERT-style file; else our labels entry."""
+    tokenizer = getattr(preprocessor, "tokenizer", None)
+    vocabulary = getattr(tokenizer, "vocabulary", None)
+    order = _input_order(flatbuffer)
+    bert = (
+        type(tokenizer).__name__ == "BertTokenizer"
+        and vocabulary is not None
+        and sorted(order) == sorted(metadata_lib.BERT_INPUT_NAMES)
+    )
+    if not bert:  # no WordPiece vocabulary known: the labels only
         return _with_labels_metadata(flatbuffer, labels) if labels else flatbuffer
+    data, files = metadata_lib.bert_classifier_metadata(
+        name=model.name,
+        description=description
+        or "Text classifier fine-tuned with keras_transfer; BERT WordPiece tokens.",
+        version=str(version),
+        input_order=order,
+        labels=labels,
+        vocabulary=list(vocabulary),
+    )
+    return metadata_lib.populate(flatbuffer, data, files)
+
+
+def _with_metadata(flatbuffer, model, labels, normalization, version, description, preprocessor):
+    """Standard metadata: MediaPipe's `ImageClassifier` / BERT `TextClassifier` read it."""
+    if not signatures.is_image_model(model):
+        return _text_metadata(flatbuffer, model, labels, version, description, preprocessor)
     mean_std = image_normalization(model, normalization)
     if mean_std is None:
         warnings.warn(
@@ -418,8 +458,8 @@ class _LiteRunner:
     """Runs the `serving_default` signature of a `.tflite` file on one example at a time.
 
     An example is an image (float pixels) or a dict of inputs by name (a text
-    model's `token_ids` and `padding_mask`); inputs the file does not take
-    (`segment_ids`) are left out.
+    model's `token_ids`, `padding_mask` and, if given, `segment_ids`; zeros
+    when not).
     """
 
     def __init__(self, path):
@@ -436,6 +476,9 @@ class _LiteRunner:
         """One batch of a single all-zero example, in the file's input shapes."""
         return {name: np.zeros((1, *d["shape"][1:]), "float32") for name, d in self.inputs.items()}
 
+    def _zeros(self, name):
+        return np.zeros(self.inputs[name]["shape"][1:], "int32")
+
     def _input(self, name, value):
         details = self.inputs[name]
         x = np.asarray(value)[None]
@@ -448,7 +491,11 @@ class _LiteRunner:
     def __call__(self, example):
         if not isinstance(example, dict):
             example = {signatures.IMAGE_INPUT: example}
-        feed = {name: self._input(name, example[name]) for name in self.inputs}
+        feed = {
+            # A file's `segment_ids` are all 0 for one text when the data has none.
+            name: self._input(name, example[name] if name in example else self._zeros(name))
+            for name in self.inputs
+        }
         y = self.runner(**feed)[signatures.PROBABILITIES]
         if y.dtype != np.float32:
             scale, zero = self.output_quant
@@ -654,7 +701,15 @@ def tflite(
                 "quantization='dynamic' or 'float16', or pass allow_float_ops=True."
             )
     flatbuffer = _with_metadata(
-        flatbuffer, model, labels, normalization, metadata_version, description
+        flatbuffer,
+        model,
+        labels,
+        normalization,
+        metadata_version,
+        description,
+        signatures.serving_preprocessor(model, preprocessor)
+        if signatures.is_token_model(model)
+        else None,
     )
     staging_lib.write_atomic(path, flatbuffer)
     stem = path[: -len(".tflite")] if path.endswith(".tflite") else path
@@ -740,7 +795,7 @@ def write_conversion_source(
     """Writes the SavedModel that LiteRT files of `model` are converted from.
 
     It holds the `serving_default` signature only (input `image`, or
-    `token_ids` and `padding_mask` for a text model; output
+    `token_ids`, `padding_mask` and `segment_ids` for a text model; output
     `probabilities`), with float32 compute (see `float32_model`).
 
     Args:
