@@ -9,6 +9,9 @@ import pytest
 from conftest import assert_user_error, run_cli
 from PIL import Image
 
+from keras_transfer.data import FASHION_MNIST_CLASSES
+from keras_transfer.export.metadata import read_metadata
+
 TINY_TRAIN = [
     "--backbone=mobilenet_v3_small",
     "--weights=none",
@@ -86,5 +89,8 @@ def test_demo_quick(tmp_path):
     export = tmp_path / "saved_models" / "fashion_mnist_lite0"
     assert (export / "1" / "saved_model.pb").exists()
     for name in ("fashion_mnist_lite0_none.tflite", "fashion_mnist_lite0_int8.tflite"):
-        assert (export / "litert" / name).exists(), name
+        # The demo's phone files carry the standard metadata MediaPipe Tasks reads.
+        info = read_metadata((export / "litert" / name).read_bytes())
+        assert info["labels"] == list(FASHION_MNIST_CLASSES), name
+        assert info["inputs"][0]["normalization"] == {"mean": [0.0], "std": [1.0]}
     assert "top-1 agree" in result.stdout

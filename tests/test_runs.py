@@ -19,6 +19,7 @@ from conftest import assert_user_error, run_cli
 from PIL import Image
 
 import keras_transfer as kt
+from keras_transfer.export.metadata import read_metadata
 
 CLASSES = ("cat", "object", "person")
 PER_CLASS = 10
@@ -359,6 +360,8 @@ def test_console_script_keeps_the_terminal_quiet(trained, tmp_path):
     assert (export / "1" / "assets" / "labels.txt").read_text().split() == list(CLASSES)
     for name in ("m_none.tflite", "m_int8.tflite", "m_int8.labels.txt", "parity.json"):
         assert (export / "litert" / name).exists(), name
+    for name in ("m_none.tflite", "m_int8.tflite"):  # standard metadata from the CLI too
+        assert read_metadata((export / "litert" / name).read_bytes())["labels"] == list(CLASSES)
     config = model_server_config_pb2.ModelServerConfig()
     text_format.Parse((tmp_path / "out" / "models.config").read_text(), config)
     assert [c.name for c in config.model_config_list.config] == ["m"]
