@@ -15,8 +15,8 @@ from PIL import Image
 from keras_transfer import export
 from keras_transfer.data import decode_image_bytes
 from keras_transfer.export import signatures
+from keras_transfer.export.parity import _LiteRunner
 from keras_transfer.export.saved_model import WARMUP_FILE
-from keras_transfer.export.tflite import _LiteRunner
 
 LABELS = ["cat", "dog", "bird"]
 

@@ -14,8 +14,8 @@ from conftest import run_cli
 import keras_transfer as kt
 from keras_transfer import export
 from keras_transfer.backbones.kerashub import text_preprocessor
+from keras_transfer.export.parity import _LiteRunner
 from keras_transfer.export.saved_model import WARMUP_FILE
-from keras_transfer.export.tflite import _LiteRunner
 
 LABELS = ["animal", "plant", "tool"]
 SEQUENCE_LENGTH = 16

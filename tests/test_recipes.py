@@ -4,7 +4,7 @@ import pytest
 from conftest import image_batch, labels, tiny_classifier
 
 import keras_transfer as kt
-from keras_transfer.export.tflite import _LiteRunner
+from keras_transfer.export.parity import _LiteRunner
 
 
 def test_feature_extraction_keeps_backbone():

@@ -9,7 +9,7 @@ import pytest
 from conftest import image_batch, tiny_classifier
 
 from keras_transfer import export
-from keras_transfer.export.tflite import _LiteRunner
+from keras_transfer.export.parity import _LiteRunner
 
 LABELS = ["cat", "dog", "bird"]
 
