@@ -22,6 +22,99 @@ DEFAULT_LATENCY_BATCHES = 20
 LATENCY_PERCENTILE = 95
 # A single-output sigmoid head predicts class 1 at or above this probability.
 BINARY_THRESHOLD = 0.5
+# Top-k accuracy reported beside top-1 (ImageNet's usual top-5).
+DEFAULT_TOP_K = 5
+# Equal-width confidence bins of the expected calibration error (Guo et al.
+# 2017 use 15).
+DEFAULT_CALIBRATION_BINS = 15
+# Misclassified examples listed in a report, most confident mistakes first.
+DEFAULT_MISCLASSIFIED = 25
+
+
+def expected_calibration_error(
+    probabilities, labels, num_bins: int = DEFAULT_CALIBRATION_BINS
+) -> tuple[float, list[dict]]:
+    """Expected calibration error: how far confidence is from accuracy, on average.
+
+    Examples go into `num_bins` equal-width bins by confidence (the top
+    probability; `(0, 1/n]`, `(1/n, 2/n]`, ...). ECE is the sum over bins of
+    `count / total * |accuracy - mean confidence|` (Guo et al. 2017).
+
+    Args:
+        probabilities: `[n, classes]` class probabilities (or `[n]` / `[n, 1]`
+            sigmoid outputs of a binary model).
+        labels: `[n]` integer true classes.
+        num_bins: number of bins (>= 1).
+
+    Returns:
+        `(ece, bins)`: bins are dicts `lower`, `upper`, `count`, `confidence`
+        (mean) and `accuracy` (None for empty bins).
+
+    Example:
+    >>> ece, bins = expected_calibration_error(
+    ...     [[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.4, 0.6]], [0, 1, 0, 1], num_bins=2)
+    >>> round(ece, 4), [b["count"] for b in bins]
+    (0.25, [0, 4])
+    """
+    if isinstance(num_bins, bool) or not isinstance(num_bins, (int, np.integer)) or num_bins < 1:
+        raise ValueError(f"`num_bins` must be an integer >= 1. Received: num_bins={num_bins!r}")
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    if probabilities.ndim == 2 and probabilities.shape[-1] == 1:
+        probabilities = probabilities[:, 0]
+    if probabilities.ndim == 1:  # binary sigmoid output
+        probabilities = np.stack([1.0 - probabilities, probabilities], axis=-1)
+    labels = np.asarray(labels).reshape(-1)
+    if probabilities.ndim != 2 or len(probabilities) != len(labels) or not len(labels):
+        raise ValueError(
+            "`probabilities` must be [n, classes] and `labels` [n], n >= 1. Received: "
+            f"shapes {probabilities.shape} and {labels.shape}"
+        )
+    confidence = probabilities.max(axis=-1)
+    correct = probabilities.argmax(axis=-1) == labels
+    edges = np.linspace(0.0, 1.0, num_bins + 1)
+    # Bin i holds (edges[i], edges[i + 1]]; a confidence of exactly 0 joins bin 0.
+    index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, num_bins - 1)
+    bins, ece = [], 0.0
+    for i in range(num_bins):
+        members = index == i
+        count = int(members.sum())
+        mean_confidence = float(confidence[members].mean()) if count else None
+        accuracy = float(correct[members].mean()) if count else None
+        if count:
+            ece += count / len(labels) * abs(accuracy - mean_confidence)
+        bins.append(
+            {
+                "lower": float(edges[i]),
+                "upper": float(edges[i + 1]),
+                "count": count,
+                "confidence": mean_confidence,
+                "accuracy": accuracy,
+            }
+        )
+    return float(ece), bins
+
+
+def top_k_accuracy(probabilities, labels, k: int = DEFAULT_TOP_K) -> float:
+    """The fraction of examples whose true class is among the `k` most probable.
+
+    Args:
+        probabilities: `[n, classes]` scores.
+        labels: `[n]` integer true classes.
+        k: how many top classes count (capped at the number of classes).
+
+    Returns:
+        The top-k accuracy.
+
+    Example:
+    >>> top_k_accuracy([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]], [1, 0], k=2)
+    0.5
+    """
+    probabilities = np.asarray(probabilities)
+    labels = np.asarray(labels).reshape(-1)
+    k = max(1, min(int(k), probabilities.shape[-1]))
+    # Equal scores rank by class index (a stable sort).
+    top = np.argsort(-probabilities, axis=-1, kind="stable")[:, :k]
+    return float(np.mean(np.any(top == labels[:, None], axis=-1)))
 
 
 def confusion_matrix(labels, predictions, num_classes: int) -> np.ndarray:
@@ -185,6 +278,10 @@ def evaluate_classifier(
     class_names: list[str] | tuple[str, ...] | None = None,
     *,
     latency_batches: int = DEFAULT_LATENCY_BATCHES,
+    top_k: int = DEFAULT_TOP_K,
+    calibration_bins: int = DEFAULT_CALIBRATION_BINS,
+    paths: list[str] | None = None,
+    max_misclassified: int = DEFAULT_MISCLASSIFIED,
 ) -> dict:
     """Evaluates a single-label classifier and measures its latency.
 
@@ -201,14 +298,25 @@ def evaluate_classifier(
         class_names: one name per class; defaults to `"0"`, `"1"`, ...
         latency_batches: timed calls for the latency figures; 0 skips the
             measurement (then `report["latency"]` is None).
+        top_k: k of the top-k accuracy (capped at the number of classes).
+        calibration_bins: bins of the expected calibration error.
+        paths: the file of each example, in the dataset's order (an image
+            folder's `splits.info["paths"][split]`; the dataset must not
+            reshuffle); named in the misclassified list.
+        max_misclassified: how many misclassified examples to list.
 
     Returns:
         A JSON-serialisable dict with `accuracy`, `num_examples`,
         `class_names`, `per_class` (list of dicts with `class`, `precision`,
         `recall`, `f1`, `support`), `macro_avg` (`precision`, `recall`,
         `f1`), `confusion_matrix` (list of lists, rows true, columns
-        predicted) and `latency` (`batch_size`, `repeats`,
-        `mean_ms_per_image`, `p95_ms_per_image`).
+        predicted), `latency` (`batch_size`, `repeats`,
+        `mean_ms_per_image`, `p95_ms_per_image`), `top_k_accuracy` (`k`,
+        `accuracy`), `calibration` (`ece`, `bins`, see
+        `expected_calibration_error`), `misclassified_count` and
+        `misclassified` (the most confident mistakes first: `index` in the
+        dataset, `path` when `paths` is given, `true`, `predicted`,
+        `confidence`).
 
     Raises:
         ValueError: for an empty dataset, a `class_names` list whose length
@@ -250,7 +358,9 @@ def evaluate_classifier(
             )
         num_classes = len(class_names)
 
-    all_labels, all_predictions, first_images = [], [], None
+    if paths is not None:
+        paths = [str(p) for p in paths]
+    all_labels, all_predictions, all_outputs, first_images = [], [], [], None
     for element in dataset:
         if not isinstance(element, tuple) or len(element) != 2:
             raise ValueError(
@@ -270,6 +380,7 @@ def evaluate_classifier(
                 f"model). Received: {num_classes} names: {class_names}"
             )
         all_predictions.append(_predicted_classes(outputs))
+        all_outputs.append(outputs.reshape(len(outputs), -1).astype(np.float64))
         all_labels.append(_true_classes(batch_labels.numpy(), num_classes))
     if first_images is None:
         raise ValueError("`dataset` must contain at least one batch. Received: an empty dataset")
@@ -280,9 +391,16 @@ def evaluate_classifier(
     if class_names is None:
         class_names = [str(i) for i in range(num_classes)]
 
+    if paths is not None and len(paths) != labels.size:
+        raise ValueError(
+            f"`paths` must name every example of the dataset, in order ({labels.size}). "
+            f"Received: {len(paths)} paths"
+        )
     matrix = confusion_matrix(labels, predictions, num_classes)
     per_class, macro = _per_class(matrix, class_names)
     latency = _measure_latency(model, first_images, latency_batches) if latency_batches else None
+    outputs = np.concatenate(all_outputs)
+    ece, bins = expected_calibration_error(outputs, labels, calibration_bins)
     return {
         "accuracy": float(np.trace(matrix) / labels.size),
         "num_examples": int(labels.size),
@@ -291,7 +409,36 @@ def evaluate_classifier(
         "macro_avg": macro,
         "confusion_matrix": matrix.tolist(),
         "latency": latency,
+        "top_k_accuracy": (
+            {"k": min(top_k, num_classes), "accuracy": top_k_accuracy(outputs, labels, top_k)}
+            if outputs.shape[-1] > 1
+            else None
+        ),
+        "calibration": {"ece": ece, "bins": bins},
+        **_misclassified(outputs, labels, predictions, class_names, paths, max_misclassified),
     }
+
+
+def _misclassified(outputs, labels, predictions, class_names, paths, limit):
+    """The wrong predictions, most confident first."""
+    wrong = np.flatnonzero(predictions != labels)
+    if outputs.shape[-1] == 1:  # a sigmoid: confidence in the predicted class
+        confidence = np.where(predictions == 1, outputs[:, 0], 1.0 - outputs[:, 0])
+    else:
+        confidence = outputs[np.arange(len(outputs)), predictions]
+    order = wrong[np.argsort(-confidence[wrong], kind="stable")][:limit]
+    rows = []
+    for i in order:
+        row = {
+            "index": int(i),
+            "true": class_names[labels[i]],
+            "predicted": class_names[predictions[i]],
+            "confidence": float(confidence[i]),
+        }
+        if paths is not None:
+            row["path"] = paths[i]
+        rows.append(row)
+    return {"misclassified_count": int(wrong.size), "misclassified": rows}
 
 
 def format_report(report: dict) -> str:
@@ -342,6 +489,18 @@ def format_report(report: dict) -> str:
             f"{'macro avg':<{width}}  {macro['precision']:>9.3f}  {macro['recall']:>6.3f}"
             f"  {macro['f1']:>6.3f}  {report['num_examples']:>7d}"
         )
+    top_k = report.get("top_k_accuracy")
+    if top_k:
+        lines += ["", f"top-{top_k['k']} accuracy: {top_k['accuracy']:.4f}"]
+    if report.get("calibration"):
+        lines.append(f"expected calibration error: {report['calibration']['ece']:.4f}")
+    if report.get("misclassified"):
+        lines.append(f"misclassified: {report['misclassified_count']}; most confident:")
+        for row in report["misclassified"][:5]:
+            where = row.get("path", f"#{row['index']}")
+            lines.append(
+                f"  {where}: {row['true']} taken for {row['predicted']} ({row['confidence']:.2f})"
+            )
     latency = report.get("latency")
     if latency:
         lines += [

@@ -276,3 +276,150 @@ def plot_confusion_matrix(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_reliability_diagram(calibration: Mapping, path: str, title: str = "Reliability") -> str:
+    """Draws accuracy against confidence per bin, with the diagonal of perfect calibration.
+
+    Args:
+        calibration: `report["calibration"]` from `evaluate_classifier`
+            (`ece` and `bins`).
+        path: output PNG path (parent folders are created).
+        title: figure title (the ECE is added to it).
+
+    Returns:
+        `path`.
+
+    Example:
+    >>> import tempfile, os
+    >>> from keras_transfer.evaluation import expected_calibration_error
+    >>> ece, bins = expected_calibration_error([[0.9, 0.1], [0.3, 0.7]], [0, 0], 5)
+    >>> out = os.path.join(tempfile.mkdtemp(), "reliability.png")
+    >>> plot_reliability_diagram({"ece": ece, "bins": bins}, out) == out
+    True
+    """
+    bins = list(calibration["bins"])
+    plt = _pyplot()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig, (ax, ax_count) = plt.subplots(
+        2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    lower = np.array([b["lower"] for b in bins])
+    width = np.array([b["upper"] - b["lower"] for b in bins])
+    filled = [i for i, b in enumerate(bins) if b["count"]]
+    accuracy = np.array([bins[i]["accuracy"] for i in filled])
+    confidence = np.array([bins[i]["confidence"] for i in filled])
+    ax.bar(
+        lower[filled],
+        accuracy,
+        width=width[filled],
+        align="edge",
+        color="#4c72b0",
+        edgecolor="white",
+        label="accuracy in bin",
+    )
+    ax.bar(
+        lower[filled],
+        confidence - accuracy,
+        bottom=accuracy,
+        width=width[filled],
+        align="edge",
+        color="#dd8452",
+        alpha=0.45,
+        edgecolor="white",
+        label="gap to mean confidence",
+    )
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{title} (ECE {calibration['ece']:.3f})")
+    ax_count.bar(lower, [b["count"] for b in bins], width=width, align="edge", color="grey")
+    ax_count.set_xlabel("confidence (top probability)")
+    ax_count.set_ylabel("examples")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_misclassified(
+    dataset, misclassified, path: str, title: str = "Most confident mistakes", columns: int = 4
+) -> str:
+    """A grid of the misclassified images listed in a report (true, predicted, confidence).
+
+    The dataset is read again to fetch the images by index, so it must yield
+    the same order as when it was evaluated (a test split: not reshuffled).
+    Without a dataset the images are read from the rows' `path`s.
+
+    Args:
+        dataset: the batched `(images, labels)` dataset that was evaluated,
+            or None (then each row needs a `path`).
+        misclassified: `report["misclassified"]` (rows with `index`, `true`,
+            `predicted`, `confidence` and maybe `path`).
+        path: output PNG path.
+        title: figure title.
+        columns: images per row.
+
+    Returns:
+        `path`.
+
+    Example:
+    >>> import tempfile, os, numpy as np, tensorflow as tf
+    >>> data = tf.data.Dataset.from_tensor_slices(
+    ...     (np.full((3, 8, 8, 3), 200.0, "float32"), np.arange(3))).batch(2)
+    >>> rows = [{"index": 2, "true": "a", "predicted": "b", "confidence": 0.9}]
+    >>> out = os.path.join(tempfile.mkdtemp(), "mistakes.png")
+    >>> plot_misclassified(data, rows, out) == out
+    True
+    """
+    wanted = {row["index"]: row for row in misclassified}
+    images, position = {}, 0
+    if dataset is None:
+        from PIL import Image
+
+        for row in misclassified:
+            with Image.open(row["path"]) as image:
+                images[row["index"]] = np.asarray(image.convert("RGB"))
+        dataset = ()
+    for batch, _ in dataset:
+        batch = np.asarray(batch)
+        for i in range(len(batch)):
+            if position + i in wanted:
+                images[position + i] = batch[i]
+        position += len(batch)
+        if len(images) == len(wanted):
+            break
+    plt = _pyplot()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    count = max(len(misclassified), 1)
+    columns = max(1, min(columns, count))
+    rows = -(-count // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(2.8 * columns, 3.3 * rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, row in zip(axes.flat, misclassified, strict=False):
+        image = images.get(row["index"])
+        if image is not None:
+            image = np.clip(image, 0, 255).astype("uint8")
+            ax.imshow(
+                image[..., 0] if image.shape[-1] == 1 else image,
+                cmap="gray" if image.shape[-1] == 1 else None,
+            )
+        # The class folder and the file: file names repeat across classes.
+        name = (
+            os.path.join(*row["path"].split(os.sep)[-2:]) if row.get("path") else f"#{row['index']}"
+        )
+        ax.set_title(
+            f"{name}\ntrue: {row['true']}\npredicted: {row['predicted']} ({row['confidence']:.2f})",
+            fontsize=8,
+        )
+    if not misclassified:
+        axes.flat[0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

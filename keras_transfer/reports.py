@@ -158,6 +158,28 @@ def _evaluation_lines(evaluation):
                 ]
             )
         lines += _table(["class", "precision", "recall", "f1", "support"], rows) + [""]
+    top_k = evaluation.get("top_k_accuracy")
+    if top_k:
+        lines += [f"Top-{top_k['k']} accuracy: {top_k['accuracy']:.4f}.", ""]
+    calibration = evaluation.get("calibration")
+    if calibration:
+        lines += [
+            f"Expected calibration error: {calibration['ece']:.4f} (0 is perfect: confidence "
+            "equals accuracy).",
+            "",
+        ]
+    mistakes = evaluation.get("misclassified")
+    if mistakes:
+        rows = [
+            [row.get("path", f"#{row['index']}"), row["true"], row["predicted"], row["confidence"]]
+            for row in mistakes[:10]
+        ]
+        lines += [
+            f"Misclassified: {evaluation['misclassified_count']}. The most confident mistakes:",
+            "",
+            *_table(["example", "true", "predicted", "confidence"], rows),
+            "",
+        ]
     latency = evaluation.get("latency")
     if latency:
         lines += [

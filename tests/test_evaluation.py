@@ -169,3 +169,50 @@ def test_bad_arguments_are_rejected(kwargs, error, match):
 def test_non_dataset_is_rejected():
     with pytest.raises(TypeError, match="Received: tuple"):
         evaluate_classifier(oracle_model(), (np.zeros((2, 4)), np.zeros(2)))
+
+
+def test_expected_calibration_error_matches_a_hand_computation():
+    from keras_transfer.evaluation import expected_calibration_error
+
+    probabilities = np.array(
+        [[0.95, 0.05], [0.85, 0.15], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55], [0.1, 0.9]]
+    )
+    labels = np.array([0, 1, 0, 1, 0, 1])
+    ece, bins = expected_calibration_error(probabilities, labels, num_bins=4)
+    # Bins (0.5, 0.75]: confidences 0.6, 0.7, 0.55 -> mean 0.6167, correct 1, 1, 0 -> 0.6667.
+    #      (0.75, 1.0]: confidences 0.95, 0.85, 0.9 -> mean 0.9, correct 1, 0, 1 -> 0.6667.
+    hand = 3 / 6 * abs(2 / 3 - (0.6 + 0.7 + 0.55) / 3) + 3 / 6 * abs(2 / 3 - 0.9)
+    assert ece == pytest.approx(hand)
+    assert [b["count"] for b in bins] == [0, 0, 3, 3]
+    assert bins[0]["accuracy"] is None
+    with pytest.raises(ValueError, match="Received: num_bins=0"):
+        expected_calibration_error(probabilities, labels, num_bins=0)
+
+
+def test_report_has_top_k_calibration_and_the_most_confident_mistakes():
+    from keras_transfer.evaluation import top_k_accuracy
+
+    probabilities = np.array([[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.2, 0.5, 0.3], [0.9, 0.04, 0.06]])
+    labels = np.array([0, 1, 2, 1])
+    assert top_k_accuracy(probabilities, labels, k=1) == 0.25
+    assert top_k_accuracy(probabilities, labels, k=2) == 0.75
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Activation("linear")(inputs))
+    data = tf.data.Dataset.from_tensor_slices((probabilities.astype("float32"), labels)).batch(3)
+    paths = ["a.png", "b.png", "c.png", "d.png"]
+    report = evaluate_classifier(
+        model, data, ["x", "y", "z"], latency_batches=0, top_k=2, paths=paths
+    )
+    assert report["top_k_accuracy"] == {"k": 2, "accuracy": 0.75}
+    assert report["misclassified_count"] == 3
+    assert [row["path"] for row in report["misclassified"]] == ["d.png", "b.png", "c.png"]
+    assert report["misclassified"][0] == {
+        "index": 3,
+        "true": "y",
+        "predicted": "x",
+        "confidence": pytest.approx(0.9),
+        "path": "d.png",
+    }
+    assert "expected calibration error" in format_report(report)
+    with pytest.raises(ValueError, match="Received: 2 paths"):
+        evaluate_classifier(model, data, ["x", "y", "z"], latency_batches=0, paths=paths[:2])
