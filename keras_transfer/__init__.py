@@ -14,7 +14,17 @@ if _startup.is_command():
 
 # `distribute` first: it sets up logical CPU devices before TensorFlow starts.
 from keras_transfer import distribute  # isort: skip
-from keras_transfer import checkpoints, data, export, runs, serving, stages, techniques, training
+from keras_transfer import (
+    checkpoints,
+    data,
+    export,
+    feature_cache,
+    runs,
+    serving,
+    stages,
+    techniques,
+    training,
+)
 from keras_transfer.backbones import (
     PREPROCESSING_MODES,
     BackboneSpec,
@@ -36,6 +46,7 @@ from keras_transfer.builders import (
 )
 from keras_transfer.callbacks import LRFinderResult, ProgressiveUnfreezing, lr_find
 from keras_transfer.evaluation import confusion_matrix, evaluate_classifier, format_report
+from keras_transfer.feature_cache import FeatureCache
 from keras_transfer.freezing import freeze_backbone, trainable_summary, unfreeze
 from keras_transfer.heads import (
     HEAD_TYPES,
@@ -76,6 +87,7 @@ __all__ = [
     "RECIPES",
     "BackboneSpec",
     "Block",
+    "FeatureCache",
     "ImagePreprocessing",
     "LRFinderResult",
     "LayerwiseLearningRateMixin",
@@ -99,6 +111,7 @@ __all__ = [
     "discriminative_optimizer",
     "evaluate_classifier",
     "export",
+    "feature_cache",
     "fine_tune",
     "fit_stage",
     "format_report",

@@ -30,6 +30,8 @@ _ROTATION = 0.05
 _ZOOM = 0.1
 _CONTRAST = 0.1
 INPUT_NAME = "image"
+# The random augmentation block's name (feature caching looks for it).
+AUGMENTATION_NAME = "augmentation"
 # Keras dtype policies a builder may build under (None: the current one).
 MIXED_PRECISION = (None, "mixed_float16", "mixed_bfloat16")
 
@@ -158,7 +160,7 @@ def make_augmentation(augmentation) -> keras.layers.Layer | None:
             f"`augmentation` must be one of {AUGMENTATIONS}, a layer or a list of "
             f"layers. Received: augmentation={augmentation!r}"
         )
-    return keras.Sequential(layers, name="augmentation")
+    return keras.Sequential(layers, name=AUGMENTATION_NAME)
 
 
 def _validate_choice(name, value, allowed):

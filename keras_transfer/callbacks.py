@@ -1,10 +1,15 @@
-"""Callbacks: progressive unfreezing inside one `fit`, and the LR range test."""
+"""Callbacks: progressive unfreezing inside one `fit`, the LR range test, and a relay.
+
+`CallbackRelay` lets callbacks see the whole model while `fit` trains a part
+of it (the head on cached features, `fit_stage(..., cache_features=True)`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import keras
 import numpy as np
@@ -132,6 +137,97 @@ class ProgressiveUnfreezing(keras.callbacks.Callback):
                 f"\nEpoch {epoch + 1}: {count}/{self._num_blocks} backbone blocks "
                 f"trainable, LR x{self.lr_factor**steps:g}"
             )
+
+
+class CallbackRelay(keras.callbacks.Callback):
+    """Runs callbacks on another model than the one `fit` trains.
+
+    When `fit` trains a model made of another model's layers (the head of a
+    classifier on cached features), the relay passes `fit`'s events to
+    callbacks bound to the whole model: checkpoints save it, early stopping
+    copies and restores its weights, and `model.stop_training = True` set by
+    any of them stops the `fit`. Batch events are relayed only when one of
+    the callbacks uses them, so Keras keeps dispatching the others
+    asynchronously.
+
+    Args:
+        callbacks: the Keras callbacks to run.
+        model: the model they see (`self.model`); it shares the variables
+            `fit` trains, and should be compiled with the same optimizer.
+
+    Example:
+
+    >>> import numpy as np
+    >>> inputs = keras.Input((4,))
+    >>> head = keras.layers.Dense(2)
+    >>> whole = keras.Model(inputs, head(keras.layers.Dense(4)(inputs)))
+    >>> part = keras.Model(whole.layers[1].output, whole.output)
+    >>> part.compile(loss="mse")
+    >>> class StopAfterOneEpoch(keras.callbacks.Callback):
+    ...     def on_epoch_end(self, epoch, logs=None):
+    ...         self.model.stop_training = True
+    >>> stop = StopAfterOneEpoch()
+    >>> history = part.fit(np.ones((4, 4)), np.ones((4, 2)), epochs=5, verbose=0,
+    ...                    callbacks=[CallbackRelay([stop], whole)])
+    >>> len(history.epoch), stop.model is whole
+    (1, True)
+    """
+
+    _BATCH_HOOKS = tuple(
+        f"on_{mode}batch_{moment}"
+        for mode in ("", "train_", "test_", "predict_")
+        for moment in ("begin", "end")
+    )
+
+    def __init__(self, callbacks: Sequence[keras.callbacks.Callback], model: keras.Model):
+        super().__init__()
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"`model` must be a keras.Model. Received: {type(model).__name__}")
+        self.callbacks = list(callbacks)
+        self.target = model
+        self._relayed = keras.callbacks.CallbackList(self.callbacks, model=model)
+        base = keras.callbacks.Callback
+        if any(
+            getattr(type(callback), hook) is not getattr(base, hook)
+            for callback in self.callbacks
+            for hook in self._BATCH_HOOKS
+        ):
+            for hook in self._BATCH_HOOKS[2:]:
+                setattr(self, hook, functools.partial(self._relay, hook))
+
+    def set_params(self, params):
+        super().set_params(params)
+        self._relayed.set_params(params)
+
+    def _relay(self, hook, *args, **kwargs):
+        getattr(self._relayed, hook)(*args, **kwargs)
+        if self.target.stop_training:
+            self.model.stop_training = True
+
+    def on_train_begin(self, logs=None):
+        self.target.stop_training = False
+        self._relay("on_train_begin", logs)
+
+    def on_train_end(self, logs=None):
+        self._relay("on_train_end", logs)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._relay("on_epoch_begin", epoch, logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._relay("on_epoch_end", epoch, logs)
+
+    def on_test_begin(self, logs=None):
+        self._relay("on_test_begin", logs)
+
+    def on_test_end(self, logs=None):
+        self._relay("on_test_end", logs)
+
+    def on_predict_begin(self, logs=None):
+        self._relay("on_predict_begin", logs)
+
+    def on_predict_end(self, logs=None):
+        self._relay("on_predict_end", logs)
 
 
 @dataclasses.dataclass

@@ -51,6 +51,7 @@ from keras_transfer.checkpoints import (
     restore_variables,
     save_state,
 )
+from keras_transfer.feature_cache import FeatureCache, as_feature_cache, check_cacheable
 from keras_transfer.freezing import resolve_bn_policy
 from keras_transfer.heads import DEFAULT_LABEL_SMOOTHING
 from keras_transfer.optimizers import DEFAULT_LR_SPREAD, DEFAULT_WEIGHT_DECAY
@@ -396,6 +397,7 @@ def fine_tune(
     seed: int = 0,
     jit_compile="auto",
     backup_dir: str | None = None,
+    cache_features: bool | str | FeatureCache = False,
     verbose="auto",
     **recipe_options,
 ) -> keras.callbacks.History:
@@ -460,7 +462,21 @@ def fine_tune(
             interrupted run of the same plan, training resumes from its last
             finished epoch, in the right stage, with the optimizer's state.
             Under a multi-worker strategy only the chief writes. None: no
-            backups.
+            backups. Works with `cache_features` (the whole model is saved;
+            the features are computed again on resume).
+        cache_features: compute the frozen part's features once and train
+            the head on them in the stages whose backbone stays frozen
+            (`"feature_extraction"`, stage 1 of `"two_stage"`); the other
+            stages train as usual. False (default), True (`"auto"`: in
+            memory up to `kt.feature_cache.FEATURE_CACHE_MEMORY_BUDGET`,
+            2 GiB, else on disk in a temporary folder), `"memory"`,
+            `"disk"`, or a `kt.FeatureCache` (mode, folder, budget). Arrays
+            keep the order and batches of an uncached run; a dataset is read
+            once and its examples reshuffled every epoch with `seed`. Needs
+            a model without random augmentation; features are the
+            inference-mode ones (see `fit_stage`). Under a strategy the
+            feature pass runs on one device per worker and the head trains
+            under the strategy.
         verbose: passed to `fit`.
         **recipe_options: options of the chosen recipe (`Recipe.options`).
 
@@ -468,6 +484,11 @@ def fine_tune(
         A `keras.callbacks.History` whose `history` merges all stages, with
         a `"stage"` entry giving each epoch's stage (1 or 2); after a resume
         it holds the epochs run before the interruption too.
+
+    Raises:
+        ValueError: a bad value (nothing has trained then); with
+            `cache_features`: a recipe without a frozen-backbone stage, or a
+            model with random augmentation.
 
     Example:
     >>> import numpy as np, keras_transfer as kt
@@ -488,6 +509,16 @@ def fine_tune(
         unfreeze_blocks=unfreeze_blocks,
         **recipe_options,
     )
+    cache = as_feature_cache(cache_features)
+    if cache is not None:
+        if not any(stage.frozen_backbone for stage in stages):
+            raise ValueError(
+                "`cache_features` caches the stages whose backbone stays frozen; recipe "
+                f"{recipe!r} plans none ({[stage.name for stage in stages]}). Use "
+                "'feature_extraction' or 'two_stage', or cache_features=False. "
+                f"Received: recipe={recipe!r}, cache_features={cache_features!r}"
+            )
+        check_cacheable(model)
     policy = resolve_bn_policy(model, bn_policy)
     options = {
         "loss": loss,
@@ -526,10 +557,12 @@ def fine_tune(
             # Restore once, into the first stage this call runs.
             resume = state.weights is not None and not trained
             stage_callbacks.append(EpochCheckpoint(backup_dir, state, resume=resume))
+        cached = cache is not None and stage.frozen_backbone
+        # A cached stage reads the data as given: arrays keep their own order.
+        data = (train, validation) if cached else (inputs.train, inputs.validation)
         history = fit_stage(
             model,
-            inputs.train,
-            inputs.validation,
+            *data,
             stage,
             initial_epoch=sum(len(history.epoch) for history in histories),
             completed_epochs=done,
@@ -537,6 +570,8 @@ def fine_tune(
             callbacks=stage_callbacks,
             strategy=inputs.strategy,
             jit_compile=jit_compile,
+            cache_features=cache if cached else False,
+            seed=seed,
             verbose=verbose,
             **options,
         )

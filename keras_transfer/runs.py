@@ -13,6 +13,8 @@ directory holds everything needed to look at, reuse or ship the result:
     history.json       per-epoch metrics, with a "stage" marker
     curves.png         loss and accuracy per epoch, stages marked
     confusion.png      confusion matrix on the held-out split
+    reliability.png    accuracy vs confidence per bin (calibration, ECE)
+    mistakes.png       the most confident mistakes (with file names for folders)
     evaluation.json    accuracy, per-class metrics, latency, and the split
                        they were measured on ("test", or "validation" when
                        the data was too small for a test split)
@@ -50,13 +52,23 @@ from keras_transfer.data import (
 from keras_transfer.distribute import is_chief, is_multi_worker
 from keras_transfer.evaluation import evaluate_classifier
 from keras_transfer.export import export_model, export_options
-from keras_transfer.plots import plot_confusion_matrix, plot_training_curves
+from keras_transfer.feature_cache import FEATURE_CACHE_MODES, FeatureCache
+from keras_transfer.plots import (
+    plot_confusion_matrix,
+    plot_misclassified,
+    plot_reliability_diagram,
+    plot_training_curves,
+)
 from keras_transfer.recipes import DEFAULT_LORA_RANK, fine_tune, list_recipes
 from keras_transfer.reports import save_history_json, write_run_report
 from keras_transfer.techniques import lora
 from keras_transfer.training import check_number, positive_number
 
 MODEL_FILE = "model.keras"
+RELIABILITY_FILE = "reliability.png"
+MISTAKES_FILE = "mistakes.png"
+# The most confident mistakes drawn in mistakes.png (evaluation.json lists more).
+MISTAKES_SHOWN = 16
 # LoRA runs: the trained adapters, apart from the (merged) model.
 ADAPTERS_FILE = "adapters.lora.npz"
 LABELS_FILE = "labels.txt"
@@ -113,6 +125,11 @@ class RunConfig:
         mixed_precision: `"mixed_float16"`, `"mixed_bfloat16"` or None.
         jit_compile: XLA compilation of the train step: `"auto"`, True or
             False (passed to `compile`).
+        cache_features: compute the frozen backbone's features once and
+            train the head on them in the frozen-backbone stages (see
+            `fine_tune`): False, True (`"auto"`), `"memory"` or `"disk"`.
+            Disk caches go in the run's checkpoint folder, removed when it
+            finishes. Needs `augmentation="none"`.
         seed: seed for splits and initialisation.
 
     Every value is checked when the config is made; choices come from the
@@ -153,6 +170,7 @@ class RunConfig:
     label_column: str = "label"
     mixed_precision: str | None = None
     jit_compile: bool | str = "auto"
+    cache_features: bool | str = False
     seed: int = 0
 
     def __post_init__(self):
@@ -162,6 +180,19 @@ class RunConfig:
         _choice("bn_policy", self.bn_policy, (None, *BN_POLICIES))
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("jit_compile", self.jit_compile, JIT_COMPILE)
+        if not isinstance(self.cache_features, bool) and (
+            self.cache_features not in FEATURE_CACHE_MODES
+        ):
+            raise ValueError(
+                f"`cache_features` must be one of {(False, True, *FEATURE_CACHE_MODES)}. "
+                f"Received: cache_features={self.cache_features!r}"
+            )
+        if self.cache_features and self.augmentation != "none":
+            raise ValueError(
+                "Random augmentation cannot be cached (the backbone runs once per image): "
+                "`cache_features` needs augmentation='none'. Received: "
+                f"cache_features={self.cache_features!r}, augmentation={self.augmentation!r}"
+            )
         epochs = self.epochs if isinstance(self.epochs, (tuple, list)) else (self.epochs,)
         if not epochs or not all(
             isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in epochs
@@ -545,6 +576,13 @@ def _fine_tune_run(config: RunConfig, model, splits, folder: str, strategy, verb
     lora_options = {}
     if config.recipe == "lora":
         lora_options = {"lora_rank": config.lora_rank, "lora_alpha": config.lora_alpha}
+    cache = False
+    if config.cache_features:
+        # Beside the training state, which is removed when the run finishes.
+        cache = FeatureCache(
+            "auto" if config.cache_features is True else config.cache_features,
+            directory=os.path.join(folder, CHECKPOINT_DIR),
+        )
     return fine_tune(
         model,
         splits.train,
@@ -562,6 +600,7 @@ def _fine_tune_run(config: RunConfig, model, splits, folder: str, strategy, verb
         jit_compile=config.jit_compile,
         callbacks=[keras.callbacks.TensorBoard(os.path.join(folder, "logs"))],
         backup_dir=os.path.join(folder, CHECKPOINT_DIR),
+        cache_features=cache,
         verbose=verbose,
         **lora_options,
     )
@@ -583,7 +622,9 @@ def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
         # Evaluated here alone: a copy outside the strategy needs no other worker.
         model = keras.models.load_model(model_path)
     split, dataset, note = held_out_split(splits)
-    evaluation = evaluate_classifier(model, dataset, splits.class_names)
+    evaluation = evaluate_classifier(
+        model, dataset, splits.class_names, paths=_split_paths(splits, split)
+    )
     evaluation.update({"split": split, "split_note": note})
     with open(os.path.join(folder, LABELS_FILE), "w", encoding="utf-8") as f:
         f.write("\n".join(splits.class_names) + "\n")
@@ -602,6 +643,16 @@ def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
             splits.class_names,
             os.path.join(folder, "confusion.png"),
             title=f"Confusion matrix: {config.backbone}, {split} split",
+        ),
+        "Reliability": plot_reliability_diagram(
+            evaluation["calibration"],
+            os.path.join(folder, RELIABILITY_FILE),
+            title=f"Reliability: {config.backbone}, {split} split",
+        ),
+        "Most confident mistakes": plot_misclassified(
+            dataset,
+            evaluation["misclassified"][:MISTAKES_SHOWN],
+            os.path.join(folder, MISTAKES_FILE),
         ),
     }
     write_run_report(
@@ -733,13 +784,23 @@ def evaluate_model(
                 f"({splits.class_names}). Evaluate on data with the model's classes."
             )
         split, dataset, note = held_out_split(splits)
-    report = evaluate_classifier(model, dataset, class_names or splits.class_names)
+    report = evaluate_classifier(
+        model, dataset, class_names or splits.class_names, paths=_split_paths(splits, split)
+    )
     report.update({"split": split, "split_note": note, "data": os.fspath(data)})
     return report
 
 
+def _split_paths(splits, split):
+    """The files of a split in its order (image folders), or None."""
+    return splits.info.get("paths", {}).get("train" if split == "all" else split)
+
+
 def write_evaluation(report: dict, output_dir: str) -> str:
     """Writes a report as `<output_dir>/evaluation.json` (the folder is created).
+
+    Beside it: `reliability.png` and, when the report names files (image
+    folders), `mistakes.png` with the most confident mistakes.
 
     Args:
         report: a report from `evaluate_model` / `evaluate_classifier`.
@@ -772,6 +833,11 @@ def write_evaluation(report: dict, output_dir: str) -> str:
             f"output_dir={output_dir!r}"
         )
     staging.writable_folder(output_dir, "an evaluation")
+    if report.get("calibration"):
+        plot_reliability_diagram(report["calibration"], os.path.join(output_dir, RELIABILITY_FILE))
+    rows = [row for row in report.get("misclassified") or [] if row.get("path")]
+    if rows:  # image folders: the files are read again for the grid
+        plot_misclassified(None, rows[:MISTAKES_SHOWN], os.path.join(output_dir, MISTAKES_FILE))
     staging.write_atomic(path, json.dumps(report, indent=2))
     return path
 

@@ -3,7 +3,9 @@
 `fit_stage` sets what trains (`apply_stage`), compiles the stage's optimizer
 (`stage_optimizer`: AdamW with warm-up + cosine, layer-wise LRs) and loss per
 head (`training.compile_arguments`) under the model's strategy, and runs `fit`
-with the stage's callbacks (`stage_callbacks`).
+with the stage's callbacks (`stage_callbacks`). With `cache_features`, a stage
+whose backbone stays frozen (`Stage.frozen_backbone`) trains the head on
+features computed once (`keras_transfer.feature_cache`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from collections.abc import Sequence
 import keras
 import tensorflow as tf
 
-from keras_transfer.callbacks import ProgressiveUnfreezing
+from keras_transfer.callbacks import CallbackRelay, ProgressiveUnfreezing
+from keras_transfer.feature_cache import (
+    FeatureCache,
+    as_feature_cache,
+    cached_features,
+    check_cacheable,
+    split_at_head,
+)
 from keras_transfer.freezing import freeze_backbone, resolve_bn_policy, unfreeze
 from keras_transfer.heads import DEFAULT_LABEL_SMOOTHING
 from keras_transfer.optimizers import (
@@ -112,6 +121,14 @@ class Stage:
                 "A progressive stage starts from a frozen backbone: `train_blocks` must be 0. "
                 f"Received: train_blocks={self.train_blocks!r}"
             )
+
+    @property
+    def frozen_backbone(self) -> bool:
+        """Whether nothing in the backbone trains in this stage (its features can be cached).
+
+        False when blocks, LoRA adapters or progressive unfreezing train it.
+        """
+        return self.train_blocks == 0 and not self.progressive and self.lora_rank is None
 
 
 def stage_optimizer(
@@ -253,9 +270,24 @@ def fit_stage(
     strategy: tf.distribute.Strategy | None = None,
     seed: int = 0,
     jit_compile="auto",
+    cache_features: bool | str | FeatureCache = False,
     verbose="auto",
 ) -> keras.callbacks.History:
     """Runs one stage of a recipe: set what trains, compile, `fit`.
+
+    With `cache_features`, a stage whose backbone stays frozen
+    (`Stage.frozen_backbone`) runs the frozen part of the model (input ->
+    [preprocessing] -> backbone -> pooling, see
+    `keras_transfer.feature_cache`) once per example in inference mode, and
+    trains the head (dropout + head layers) on the features with the same
+    optimizer, schedule, loss, metrics and callbacks; the callbacks see the
+    whole model, whose head is the one trained. Arrays keep the order and
+    batches of an uncached run. The features are the inference-mode ones:
+    keras.applications EfficientNet / EfficientNetV2 backbones keep their
+    stochastic-depth dropout active in an uncached `fit` even when frozen
+    (Keras passes `training=True` down; only BatchNorm follows `trainable`),
+    so there a cached head sees the features `predict` computes instead of
+    noisy ones.
 
     Args:
         model: a model with a `"backbone"` layer and named output layer(s).
@@ -284,11 +316,22 @@ def fit_stage(
         strategy: a `tf.distribute.Strategy` the model was built under; None:
             the model's own.
         seed: seed of the array shuffle.
-        jit_compile: passed to `compile`.
-        verbose: passed to `fit`.
+        jit_compile: passed to `compile` (True also compiles the feature
+            pass with XLA).
+        cache_features: False, True (`"auto"`: in memory up to
+            `FEATURE_CACHE_MEMORY_BUDGET`, else on disk), `"memory"`,
+            `"disk"`, or a `FeatureCache` (mode, folder, memory budget).
+        verbose: passed to `fit`; not 0 also prints the feature cache's
+            estimated size.
 
     Returns:
-        The stage's `keras.callbacks.History`.
+        The stage's `keras.callbacks.History` (the same keys with or without
+        caching).
+
+    Raises:
+        ValueError: a bad value; or `cache_features` with a stage that
+            trains the backbone, a model with random augmentation, or an
+            infinite dataset.
 
     Example:
 
@@ -303,6 +346,16 @@ def fit_stage(
     if not isinstance(stage, Stage):
         raise TypeError(f"`stage` must be a Stage. Received: {type(stage).__name__}")
     check_number("completed_epochs", completed_epochs, 0, stage.epochs, integer=True)
+    cache = as_feature_cache(cache_features)
+    if cache is not None:
+        if not stage.frozen_backbone:
+            raise ValueError(
+                "`cache_features` needs a stage whose backbone stays frozen (its features do "
+                f"not change); stage {stage.name!r} trains it. Received: "
+                f"train_blocks={stage.train_blocks!r}, progressive={stage.progressive!r}, "
+                f"lora_rank={stage.lora_rank!r}"
+            )
+        check_cacheable(model)
     inputs = prepare_training(
         model,
         train,
@@ -321,6 +374,12 @@ def fit_stage(
         seed=seed,
     )
     policy = resolve_bn_policy(model, bn_policy)
+    losses = {
+        "loss": loss,
+        "metrics": metrics,
+        "loss_weights": loss_weights,
+        "label_smoothing": label_smoothing,
+    }
     with inputs.strategy.scope():
         # Under the scope: a LoRA stage makes its adapter variables here.
         apply_stage(model, stage, policy)
@@ -333,29 +392,49 @@ def fit_stage(
             lr_scale=inputs.lr_scale,
         )
         model.compile(
-            optimizer=optimizer,
-            jit_compile=jit_compile,
-            **compile_arguments(
-                model,
-                loss=loss,
-                metrics=metrics,
-                loss_weights=loss_weights,
-                label_smoothing=label_smoothing,
-            ),
+            optimizer=optimizer, jit_compile=jit_compile, **compile_arguments(model, **losses)
         )
-    return model.fit(
-        inputs.train,
-        validation_data=inputs.validation,
-        epochs=initial_epoch + stage.epochs,
-        initial_epoch=initial_epoch + completed_epochs,
-        steps_per_epoch=steps_per_epoch,
-        callbacks=stage_callbacks(
-            stage,
-            validation=inputs.validation,
-            patience=patience,
-            bn_policy=policy,
-            callbacks=callbacks,
-        ),
-        verbose=verbose,
-        shuffle=False,
+    stage_list = stage_callbacks(
+        stage,
+        validation=inputs.validation,
+        patience=patience,
+        bn_policy=policy,
+        callbacks=callbacks,
     )
+    fit_options = {
+        "epochs": initial_epoch + stage.epochs,
+        "initial_epoch": initial_epoch + completed_epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "verbose": verbose,
+        "shuffle": False,
+    }
+    if cache is None:
+        return model.fit(
+            inputs.train,
+            validation_data=inputs.validation,
+            callbacks=stage_list,
+            **fit_options,
+        )
+    with inputs.strategy.scope():
+        frozen, head = split_at_head(model)
+        # The model's optimizer (loss-scaled under mixed_float16): one state,
+        # saved with the model by checkpoints.
+        head.compile(
+            optimizer=model.optimizer, jit_compile=jit_compile, **compile_arguments(head, **losses)
+        )
+    with cached_features(
+        frozen,
+        train,
+        validation,
+        cache,
+        batch_size=batch_size,
+        seed=seed,
+        jit_compile=jit_compile,
+        verbose=verbose,
+    ) as (features, validation_features):
+        return head.fit(
+            features,
+            validation_data=validation_features,
+            callbacks=[CallbackRelay(stage_list, model)],
+            **fit_options,
+        )

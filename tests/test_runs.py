@@ -71,6 +71,8 @@ def test_train_writes_the_run_and_tests_on_a_held_out_split(trained):
         "history.json",
         "curves.png",
         "confusion.png",
+        "reliability.png",
+        "mistakes.png",
         "report.md",
         "labels.txt",
         "evaluation.json",
@@ -85,6 +87,14 @@ def test_train_writes_the_run_and_tests_on_a_held_out_split(trained):
     report = (run / "report.md").read_text()
     assert "of the test split" in report and "![Training curves](curves.png)" in report
     assert json.loads((run / "config.json").read_text())["test_split"] is None
+    # Top-k, calibration, and the mistakes named by their real files.
+    assert evaluation["top_k_accuracy"]["k"] == len(CLASSES)
+    assert 0.0 <= evaluation["calibration"]["ece"] <= 1.0
+    assert len(evaluation["misclassified"]) == evaluation["misclassified_count"]
+    for row in evaluation["misclassified"]:
+        assert os.path.isfile(row["path"]) and row["path"].startswith(str(data))
+        assert os.path.basename(os.path.dirname(row["path"])) == row["true"]
+    assert "Expected calibration error" in report and "![Reliability](reliability.png)" in report
 
 
 def _umask():
@@ -137,6 +147,11 @@ def test_evaluate_matches_classes_by_name(trained, tmp_path):
     supports = {row["class"]: row["support"] for row in report["per_class"]}
     assert supports == {"cat": PER_CLASS, "object": 0, "person": PER_CLASS}
     assert report["split"] == "all" and report["class_names"] == list(CLASSES)
+    wrong = [p for p, e in zip(predicted, expected, strict=True) if p != e]
+    assert report["misclassified_count"] == len(wrong)
+    assert all(os.path.isfile(row["path"]) for row in report["misclassified"])
+    assert (out / "reliability.png").is_file()
+    assert (out / "mistakes.png").is_file() == bool(wrong)
     # The report is never overwritten, and --output_dir is a folder.
     again = run_cli("evaluate", f"--model={run}", f"--data={subset}", f"--output_dir={out}")
     assert_user_error(again, "evaluation.json", "already exists")
