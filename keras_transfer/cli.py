@@ -19,6 +19,10 @@ Usage:
       SavedModel for TF Serving in NAME/<version>/, LiteRT files with a parity
       report in NAME/litert/. int8 calibrates on the run's training data
       (or --data for a bare .keras file).
+  keras-transfer benchmark --suite=NAME[,NAME...]|all --output=DIR [--quick]
+      Suites: overhead (training throughput vs plain Keras), export (LiteRT,
+      SavedModel and Keras latency, size, accuracy), caching (cached features
+      vs recomputing the backbone). Writes DIR/results.json and DIR/results.md.
 
 Flags may also come from a file: --flagfile=train.flags
 Logs: warnings and errors only; -v 0 shows INFO (export and LiteRT notices included),
@@ -37,7 +41,7 @@ from keras_transfer.recipes import list_recipes
 from keras_transfer.runs import TASKS
 
 FLAGS = flags.FLAGS
-COMMANDS = ("train", "evaluate", "predict", "export", "demo")
+COMMANDS = ("train", "evaluate", "predict", "export", "demo", "benchmark")
 
 flags.DEFINE_string("backbone", "efficientnet_lite0", "Backbone name (see list_backbones()).")
 flags.DEFINE_string(
@@ -65,6 +69,13 @@ flags.DEFINE_enum(
     "Compute dtype policy: mixed_float16 (GPUs), mixed_bfloat16 (TPUs, recent CPUs).",
 )
 flags.DEFINE_integer("seed", 0, "Seed for splits and initialisation.")
+flags.DEFINE_boolean(
+    "cache_features",
+    False,
+    "Run the frozen backbone once per image and train the head on its features in the "
+    "frozen-backbone stages (feature_extraction, stage 1 of two_stage); needs "
+    "--augmentation=none.",
+)
 flags.DEFINE_string(
     "strategy",
     "auto",
@@ -88,7 +99,9 @@ flags.DEFINE_integer("lora_rank", 8, "LoRA adapter rank (--recipe=lora).")
 flags.DEFINE_float("lora_alpha", None, "LoRA scale numerator (--recipe=lora; default: the rank).")
 flags.DEFINE_string("text_column", "text", "Text column (JSON key) of a --data file (text task).")
 flags.DEFINE_string("label_column", "label", "Label column (JSON key) of a --data file (text).")
-flags.DEFINE_string("output", None, "Export folder saved_models/<name> (export, demo).")
+flags.DEFINE_string(
+    "output", None, "Export folder saved_models/<name> (export, demo); results folder (benchmark)."
+)
 flags.DEFINE_list("format", ["saved_model", "tflite"], "Export formats: saved_model, tflite.")
 flags.DEFINE_list("quantization", ["none"], "LiteRT modes: none, dynamic, float16, int8.")
 flags.DEFINE_integer("version", None, "SavedModel version (default: the next free one).")
@@ -98,7 +111,8 @@ flags.DEFINE_boolean(
     "export: replace an existing SavedModel version. train: replace a finished run in "
     "--output_dir, or discard an unfinished one started with other settings.",
 )
-flags.DEFINE_boolean("quick", False, "Shrink the demo to a smoke run (for tests).")
+flags.DEFINE_boolean("quick", False, "Shrink the demo or benchmarks to a smoke run (for tests).")
+flags.DEFINE_list("suite", [], "Benchmark suites: overhead, export, caching, or all (benchmark).")
 
 flags.DEFINE_float(
     "test_split",
@@ -170,6 +184,7 @@ def _train():
         label_column=FLAGS.label_column,
         mixed_precision=FLAGS.mixed_precision,
         jit_compile={"true": True, "false": False}.get(FLAGS.jit_compile, "auto"),
+        cache_features=FLAGS.cache_features,
         seed=FLAGS.seed,
     )
     # First: a multi-worker strategy must exist before TensorFlow runs anything.
@@ -265,6 +280,15 @@ def _demo():
     )
 
 
+def _benchmark():
+    from keras_transfer.benchmarks import format_markdown, run_benchmarks
+
+    output = _required("output")
+    results = run_benchmarks(FLAGS.suite, output, quick=FLAGS.quick, print_fn=print)
+    print(format_markdown(results))
+    print(f"results: {output}/results.json, {output}/results.md")
+
+
 def _required(name):
     value = getattr(FLAGS, name)
     if not value:
@@ -293,6 +317,7 @@ def main(argv):
             "predict": _predict,
             "export": _export,
             "demo": _demo,
+            "benchmark": _benchmark,
         }
         commands_to_run[commands[0]]()
     except _USER_ERRORS as error:
