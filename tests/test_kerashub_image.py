@@ -5,6 +5,8 @@ Tiny random-init ResNet (CNN) and ViT (transformer) backbones are saved with
 and loaded back by path: the code path of a downloaded preset, offline.
 """
 
+import functools
+
 import keras
 import keras_hub
 import numpy as np
@@ -21,8 +23,11 @@ RESNET_SCALE = [1 / (255 * s) for s in _STD]
 RESNET_OFFSET = [-m / s for m, s in zip(_MEAN, _STD, strict=True)]
 
 
-def tiny_resnet():
-    """ResNet-v1 basic blocks, two stacks (the first must have 64 filters): 82 k parameters."""
+def tiny_resnet(use_pre_activation=False):
+    """ResNet basic blocks, two stacks (the first must have 64 filters): 82 k parameters.
+
+    Pre-activation (v2): the stem pads with -inf through `ops.pad`, a graph op, not a layer.
+    """
     return keras_hub.models.ResNetBackbone(
         input_conv_filters=[64],
         input_conv_kernel_sizes=[3],
@@ -30,6 +35,7 @@ def tiny_resnet():
         stackwise_num_blocks=[1, 1],
         stackwise_num_strides=[1, 2],
         block_type="basic_block",
+        use_pre_activation=use_pre_activation,
     )
 
 
@@ -134,25 +140,15 @@ def tiny_mobilenet_v3():
     )
 
 
-def tiny_resnet_v2():
-    """Pre-activation: the stem pads with -inf through `ops.pad`, a graph op, not a layer."""
-    return keras_hub.models.ResNetBackbone(
-        input_conv_filters=[64],
-        input_conv_kernel_sizes=[3],
-        stackwise_num_filters=[64, 8],
-        stackwise_num_blocks=[1, 1],
-        stackwise_num_strides=[1, 2],
-        block_type="basic_block",
-        use_pre_activation=True,
-    )
-
-
 @pytest.mark.parametrize(
     "make, blocks",
     [
         (tiny_efficientnet, ["stem", "block1", "block2", "top"]),
         (tiny_mobilenet_v3, ["stem", "block0", "block1", "block2", "block3"]),
-        (tiny_resnet_v2, ["stem", "stack0", "stack1", "top"]),
+        (
+            functools.partial(tiny_resnet, use_pre_activation=True),
+            ["stem", "stack0", "stack1", "top"],
+        ),
     ],
 )
 def test_cnn_families_blocks_survive_reload(make, blocks, tmp_path):
