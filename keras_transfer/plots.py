@@ -384,6 +384,11 @@ def plot_misclassified(
                 images[row["index"]] = np.asarray(image.convert("RGB"))
         dataset = ()
     for batch, _ in dataset:
+        if isinstance(batch, dict):
+            raise TypeError(
+                "`plot_misclassified` draws images; this dataset yields a dict of inputs "
+                f"({sorted(batch)}), e.g. tokens. List a text model's mistakes instead."
+            )
         batch = np.asarray(batch)
         for i in range(len(batch)):
             if position + i in wanted:

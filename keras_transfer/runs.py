@@ -14,7 +14,7 @@ directory holds everything needed to look at, reuse or ship the result:
     curves.png         loss and accuracy per epoch, stages marked
     confusion.png      confusion matrix on the held-out split
     reliability.png    accuracy vs confidence per bin (calibration, ECE)
-    mistakes.png       the most confident mistakes (with file names for folders)
+    mistakes.png       image runs: the most confident mistakes (file names for folders)
     evaluation.json    accuracy, per-class metrics, latency, and the split
                        they were measured on ("test", or "validation" when
                        the data was too small for a test split)
@@ -649,12 +649,13 @@ def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
             os.path.join(folder, RELIABILITY_FILE),
             title=f"Reliability: {config.backbone}, {split} split",
         ),
-        "Most confident mistakes": plot_misclassified(
+    }
+    if config.task == "image":  # a grid of pictures; text mistakes are listed in the report
+        images["Most confident mistakes"] = plot_misclassified(
             dataset,
             evaluation["misclassified"][:MISTAKES_SHOWN],
             os.path.join(folder, MISTAKES_FILE),
-        ),
-    }
+        )
     write_run_report(
         folder,
         config=settings,

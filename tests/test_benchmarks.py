@@ -15,7 +15,6 @@ from keras_transfer.benchmarks import Figure, Samples, interleave, resolve_suite
 from keras_transfer.benchmarks import caching as caching_suite
 from keras_transfer.benchmarks import export as export_suite
 from keras_transfer.benchmarks.timing import ratio_figures
-from keras_transfer.benchmarks.workloads import accepts_cache_features
 from keras_transfer.export import QUANTIZATIONS
 
 FIGURE_KEYS = {"value", "target", "met", "unit", "notes"}
@@ -128,10 +127,6 @@ def test_export_suite_quick():
         assert_figure_schema(figure.to_dict())
 
 
-@pytest.mark.skipif(
-    not accepts_cache_features(),
-    reason="kt.fine_tune has no `cache_features` yet (feature caching is being added)",
-)
 def test_caching_suite_quick():
     figures = caching_suite.run(quick=True)
     assert figures["speedup"].target == caching_suite.SPEEDUP_TARGET

@@ -272,6 +272,9 @@ def test_cli_trains_and_exports_a_csv_text_classifier(tmp_path):
     run = tmp_path / "run"
     assert (run / "labels.txt").read_text() == "neg\npos\n"
     assert json.loads((run / "config.json").read_text())["label_column"] == "sentiment"
+    evaluation = json.loads((run / "evaluation.json").read_text())
+    assert evaluation["calibration"]["bins"] and "misclassified" in evaluation
+    assert (run / "reliability.png").is_file() and not (run / "mistakes.png").exists()
     exported = run_cli(
         "export", f"--model={run}", f"--output={tmp_path / 'served'}", "--format=saved_model"
     )

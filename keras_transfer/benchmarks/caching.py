@@ -53,19 +53,12 @@ def run(quick: bool = False) -> dict[str, Figure]:
         `accuracy_difference` (target: within `NOISE_STANDARD_ERRORS`
         standard errors) for the sides `cached` and `uncached`.
 
-    Raises:
-        RuntimeError: `kt.fine_tune` has no `cache_features` option.
-
     Example:
 
-    >>> run(quick=True)["speedup"].target  # doctest: +SKIP
-    '>= 10'
+    >>> from keras_transfer.benchmarks import SUITES
+    >>> SUITES["caching"] is run  # `keras-transfer benchmark --suite=caching`
+    True
     """
-    if not workloads.accepts_cache_features():
-        raise RuntimeError(
-            "The caching suite needs kt.fine_tune(..., cache_features=True), which this "
-            "keras_transfer does not have yet."
-        )
     settings = QUICK if quick else FULL
     epochs = settings["epochs"]
     data = workloads.fashion_mnist(quick)

@@ -9,14 +9,12 @@ images, so that every code path runs in seconds.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 
 import keras
 import numpy as np
 
 from keras_transfer.builders import build_image_classifier
 from keras_transfer.data import load_dataset
-from keras_transfer.recipes import fine_tune
 
 # The full workload: the EfficientNet-Lite0 demo model (ImageNet weights ship
 # offline) at 96 px, 30 labelled images per class, 20 test images per class.
@@ -135,29 +133,15 @@ def classifier(num_classes: int, quick: bool = False) -> keras.Model:
     )
 
 
-def accepts_cache_features() -> bool:
-    """Whether `kt.fine_tune` takes `cache_features` (feature caching is installed).
-
-    Returns:
-        True when it does.
-
-    Example:
-
-    >>> isinstance(accepts_cache_features(), bool)
-    True
-    """
-    return "cache_features" in inspect.signature(fine_tune).parameters
-
-
 def without_feature_cache() -> dict:
     """`fine_tune` options that keep every epoch end-to-end (no feature cache).
 
     Returns:
-        `{"cache_features": False}` where `fine_tune` takes it, else `{}`.
+        `{"cache_features": False}` (explicit, should the default change).
 
     Example:
 
-    >>> without_feature_cache() in ({}, {"cache_features": False})
-    True
+    >>> without_feature_cache()
+    {'cache_features': False}
     """
-    return {"cache_features": False} if accepts_cache_features() else {}
+    return {"cache_features": False}
