@@ -365,31 +365,82 @@ def populate(flatbuffer: bytes, metadata: bytes, files: dict[str, bytes]) -> byt
     >>> read_metadata(populate(plain, data, files))["labels"]
     ['a', 'b']
     """
-    from ai_edge_litert import schema_py_generated as schema
-
-    # Unpacking reads the flatbuffer only, so an archive appended before is dropped.
-    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(metadata, dtype=np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = METADATA_NAME
-    entry.buffer = len(model.buffers) - 1
-    kept = [m for m in (model.metadata or []) if _name(m.name) != METADATA_NAME]
-    model.metadata = [*kept, entry]
-    builder = flatbuffers.Builder(len(flatbuffer) + len(metadata) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    output = bytearray(builder.Output())
+    output = with_metadata_entry(flatbuffer, METADATA_NAME, metadata)
     if files:
         # Python's zipfile appends an archive to a file that is not one, as
         # TFLite Support's populator does; stored, not deflated.
-        stream = io.BytesIO(bytes(output))
+        stream = io.BytesIO(output)
         stream.seek(0, io.SEEK_END)
         with zipfile.ZipFile(stream, "a", zipfile.ZIP_STORED) as archive:
             for file_name, data in files.items():
                 archive.writestr(file_name, data)
         return stream.getvalue()
-    return bytes(output)
+    return output
+
+
+def with_metadata_entry(flatbuffer: bytes, name: str, payload: bytes) -> bytes:
+    """The `.tflite` bytes with `payload` in a new buffer, listed as metadata `name`.
+
+    An entry of the same name is replaced. Unpacking reads the flatbuffer
+    only, so an archive appended to the file before is dropped.
+
+    Args:
+        flatbuffer: the model (`.tflite` bytes).
+        name: the metadata entry's name (`TFLITE_METADATA`, ...).
+        payload: the entry's bytes.
+
+    Returns:
+        The new `.tflite` bytes.
+
+    Example:
+    >>> import tensorflow as tf
+    >>> spec = tf.TensorSpec([1, 2], tf.float32)
+    >>> f = tf.function(lambda x: x * 2.0, [spec])
+    >>> converter = tf.lite.TFLiteConverter.from_concrete_functions([f.get_concrete_function()], f)
+    >>> data = with_metadata_entry(converter.convert(), "note", b"hello")
+    >>> metadata_entry(data, "note")
+    b'hello'
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(payload, dtype=np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name = name
+    entry.buffer = len(model.buffers) - 1
+    kept = [m for m in (model.metadata or []) if _name(m.name) != name]
+    model.metadata = [*kept, entry]
+    builder = flatbuffers.Builder(len(flatbuffer) + len(payload) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def metadata_entry(data: bytes, name: str) -> bytes | None:
+    """The bytes of a `.tflite` file's metadata entry `name`, or None.
+
+    Args:
+        data: the bytes of a `.tflite` file.
+        name: the entry's name.
+
+    Returns:
+        The entry's buffer, or None when the file has no such entry.
+
+    Example:
+    >>> metadata_entry(b"", "note") is None
+    True
+    """
+    if len(data) < 8:
+        return None
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name().decode() == name:
+            return bytes(model.Buffers(entry.Buffer()).DataAsNumpy())
+    return None
 
 
 def _name(value) -> str:
@@ -497,16 +548,7 @@ def read_metadata(data: bytes) -> dict | None:
     >>> read_metadata(b"")  is None
     True
     """
-    if len(data) < 8:
-        return None
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.Model.GetRootAs(data, 0)
-    payload = None
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if entry.Name().decode() == METADATA_NAME:
-            payload = bytes(model.Buffers(entry.Buffer()).DataAsNumpy())
+    payload = metadata_entry(data, METADATA_NAME)
     if payload is None:
         return None
     root = _Reader(payload, flatbuffers.encode.Get(flatbuffers.packer.uoffset, payload, 0))

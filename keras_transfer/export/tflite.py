@@ -141,20 +141,9 @@ def float_ops(flatbuffer: bytes) -> list[str]:
 
 def _with_labels_metadata(flatbuffer: bytes, labels: list[str]) -> bytes:
     """Text models: the labels as a `keras_transfer.labels` entry (one per line)."""
-    import flatbuffers
-
-    schema = _schema()
-    model = schema.ModelT.InitFromPackedBuf(flatbuffer, 0)
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer("\n".join(labels).encode("utf-8"), dtype=np.uint8)
-    model.buffers.append(buffer)
-    entry = schema.MetadataT()
-    entry.name = LABELS_METADATA
-    entry.buffer = len(model.buffers) - 1
-    model.metadata = [*(model.metadata or []), entry]
-    builder = flatbuffers.Builder(len(flatbuffer) + 1024)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return metadata_lib.with_metadata_entry(
+        flatbuffer, LABELS_METADATA, "\n".join(labels).encode("utf-8")
+    )
 
 
 def image_normalization(model: keras.Model, normalization="auto") -> tuple[float, float] | None:
@@ -217,11 +206,13 @@ def _input_order(flatbuffer: bytes) -> list[str]:
 
 def _text_metadata(flatbuffer, model, labels, version, description, preprocessor):
     """MediaPipe `TextClassifier` metadata for a BERT-style file; else our labels entry."""
+    import keras_hub
+
     tokenizer = getattr(preprocessor, "tokenizer", None)
     vocabulary = getattr(tokenizer, "vocabulary", None)
     order = _input_order(flatbuffer)
     bert = (
-        type(tokenizer).__name__ == "BertTokenizer"
+        isinstance(tokenizer, keras_hub.models.BertTokenizer)
         and vocabulary is not None
         and sorted(order) == sorted(metadata_lib.BERT_INPUT_NAMES)
     )
@@ -293,17 +284,12 @@ def read_tflite_labels(path: str) -> list[str] | None:
         data = f.read()
     try:
         standard = metadata_lib.read_metadata(data)
-        model = _schema().Model.GetRootAs(data, 0)
-        entries = [model.Metadata(i) for i in range(model.MetadataLength())]
+        ours = metadata_lib.metadata_entry(data, LABELS_METADATA)
     except Exception:  # not a flatbuffer at all
         return None
     if standard and standard["labels"]:
         return standard["labels"]
-    for entry in entries:
-        if entry.Name().decode() == LABELS_METADATA:
-            data = model.Buffers(entry.Buffer()).DataAsNumpy()
-            return bytes(data).decode("utf-8").split("\n")
-    return None
+    return ours.decode("utf-8").split("\n") if ours is not None else None
 
 
 def tflite(
