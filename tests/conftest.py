@@ -10,6 +10,7 @@ import keras_transfer as kt  # noqa: E402
 
 SIZE = 32
 TINY = {"alpha": 0.75, "minimalistic": True}
+TINY_TEXT = {"num_layers": 1, "hidden_dim": 32, "intermediate_dim": 64, "num_heads": 2}
 
 
 @pytest.fixture(autouse=True)
@@ -23,6 +24,16 @@ def tiny_classifier(num_classes=3, **kwargs):
     kwargs.setdefault("input_shape", (SIZE, SIZE, 3))
     return kt.build_image_classifier(
         "mobilenet_v3_small", num_classes=num_classes, **TINY, **kwargs
+    )
+
+
+def tiny_text_classifier(num_classes=3, sequence_length=16, **kwargs):
+    """A 1-layer, 32-wide random BERT with MiniLM's vocabulary and preprocessor."""
+    for key, value in TINY_TEXT.items():
+        kwargs.setdefault(key, value)
+    kwargs.setdefault("weights", None)
+    return kt.build_text_classifier(
+        "minilm", num_classes, sequence_length=sequence_length, **kwargs
     )
 
 

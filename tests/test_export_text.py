@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_cli
+from conftest import TINY_TEXT, run_cli, tiny_text_classifier
 
 import keras_transfer as kt
 from keras_transfer import export
@@ -21,7 +21,6 @@ LABELS = ["animal", "plant", "tool"]
 SEQUENCE_LENGTH = 16
 # MiniLM's vocabulary with a one-layer, 32-wide encoder: ~1 M parameters, most
 # of them the 30522-token embedding.
-TINY_TEXT = {"num_layers": 1, "hidden_dim": 32, "intermediate_dim": 64, "num_heads": 2}
 LONG_TEXT = " ".join(["transfer learning keeps what the backbone knew"] * 20)
 TEXTS = ["a small brown dog", "", "Ünïcödé café 東京", LONG_TEXT]
 # Bytes that are not UTF-8: a stray 0xff 0xfe, and a 3-byte character cut short.
@@ -68,12 +67,6 @@ np.savez(
 """
 
 
-def tiny_text_classifier():
-    return kt.build_text_classifier(
-        "minilm", len(LABELS), weights=None, sequence_length=SEQUENCE_LENGTH, **TINY_TEXT
-    )
-
-
 def tokenize(preprocessor, texts):
     """Token dicts as training sees them (`tf.data` runs the preprocessor's TF graph)."""
     features = tf.function(preprocessor)(tf.constant(texts))
@@ -103,7 +96,7 @@ def tf_example(text):
 @pytest.fixture(scope="module")
 def model():
     keras.utils.set_random_seed(0)
-    model = tiny_text_classifier()
+    model = tiny_text_classifier(len(LABELS), SEQUENCE_LENGTH)
     # Non-trivial outputs: a head with large random weights.
     head = model.get_layer("head")
     kernel = np.random.default_rng(0).normal(0, 3, head.kernel.shape).astype("float32")

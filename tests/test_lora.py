@@ -7,7 +7,7 @@ import zipfile
 import keras
 import numpy as np
 import pytest
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, run_cli, tiny_text_classifier
 
 import keras_transfer as kt
 from keras_transfer.backbones.kerashub import text_preprocessor
@@ -136,16 +136,7 @@ def test_lora_on_a_tiny_bert_targets_query_and_value():
         validation_split=0.0,
         test_split=0.25,
     )
-    model = kt.build_text_classifier(
-        "minilm",
-        2,
-        weights=None,
-        sequence_length=16,
-        num_layers=2,
-        hidden_dim=32,
-        intermediate_dim=64,
-        num_heads=2,
-    )
+    model = tiny_text_classifier(2, num_layers=2)
     before = _kernels(model)
     kt.fine_tune(model, splits.train, recipe="lora", epochs=1, lora_rank=2, verbose=0)
     names = [path.rsplit("/", 1)[-1] for path in kt.lora.lora_layers(model)]

@@ -12,6 +12,7 @@ import keras
 import mediapipe as mp
 import numpy as np
 import pytest
+from conftest import tiny_text_classifier
 from mediapipe.tasks.metadata import metadata_schema_py_generated as mp_schema
 from mediapipe.tasks.python import vision
 from mediapipe.tasks.python.core.base_options import BaseOptions
@@ -212,17 +213,7 @@ def test_text_file_runs_in_mediapipe_text_classifier(tmp_path):
     from mediapipe.tasks.python import text
 
     keras.utils.set_random_seed(0)
-    model = kt.build_text_classifier(
-        "minilm",
-        3,
-        weights=None,
-        sequence_length=16,
-        num_layers=1,
-        hidden_dim=32,
-        intermediate_dim=64,
-        num_heads=2,
-        dropout=0.0,
-    )
+    model = tiny_text_classifier(3, dropout=0.0)
     texts = [
         "a small dog",
         "an edible fruit with a hard shell and many seeds inside it, of several kinds",

@@ -1,7 +1,7 @@
 import keras
 import numpy as np
 import pytest
-from conftest import assert_round_trip
+from conftest import assert_round_trip, tiny_text_classifier
 
 import keras_transfer as kt
 from keras_transfer.backbones.kerashub import text_preprocessor
@@ -83,16 +83,7 @@ def test_pretrained_minilm_embeds_meaning():
 
 def test_progressive_unfreezing_reaches_transformer_layers_in_order(wordnet_splits):
     """Inside one fit: a layer scheduled for a later epoch is unchanged before it."""
-    model = kt.build_text_classifier(
-        "minilm",
-        4,
-        weights=None,
-        sequence_length=SEQUENCE_LENGTH,
-        num_layers=3,
-        hidden_dim=32,
-        intermediate_dim=64,
-        num_heads=2,
-    )
+    model = tiny_text_classifier(4, SEQUENCE_LENGTH, num_layers=3)
     backbone = model.get_layer("backbone")
     layers = {
         name: backbone.get_layer(f"transformer_layer_{i}")
