@@ -168,6 +168,15 @@ def _validate_choice(name, value, allowed):
         raise ValueError(f"`{name}` must be one of {allowed}. Received: {name}={value!r}")
 
 
+# Global pooling by (rank of the backbone's output, `pooling`).
+_GLOBAL_POOLS = {
+    (4, "avg"): keras.layers.GlobalAveragePooling2D,
+    (4, "max"): keras.layers.GlobalMaxPooling2D,
+    (3, "avg"): keras.layers.GlobalAveragePooling1D,
+    (3, "max"): keras.layers.GlobalMaxPooling1D,
+}
+
+
 def _preprocessing_layer(preprocessing) -> keras.layers.Layer | None:
     """The layer for an explicit `preprocessing`: a mode name or a KerasHub ImageConverter."""
     if isinstance(preprocessing, keras.layers.Layer):
@@ -234,23 +243,11 @@ def _features(
     if bn_policy == "affine":
         base = _with_inference_batch_norm(base)
     x = base(x)
-    if len(x.shape) == 4:
-        pool = (
-            keras.layers.GlobalAveragePooling2D
-            if pooling == "avg"
-            else keras.layers.GlobalMaxPooling2D
-        )
-        x = pool(name=f"{pooling}_pool")(x)
-    elif len(x.shape) == 3 and class_token:
+    if len(x.shape) == 3 and class_token:
         # ViT's class token, what KerasHub's ViTImageClassifier pools ("token").
         x = ClassTokenPooling(name="class_token_pool")(x)
-    elif len(x.shape) == 3:
-        pool = (
-            keras.layers.GlobalAveragePooling1D
-            if pooling == "avg"
-            else keras.layers.GlobalMaxPooling1D
-        )
-        x = pool(name=f"{pooling}_pool")(x)
+    elif (len(x.shape), pooling) in _GLOBAL_POOLS:  # a feature map, or tokens
+        x = _GLOBAL_POOLS[len(x.shape), pooling](name=f"{pooling}_pool")(x)
     return inputs, x, base, label
 
 
