@@ -197,7 +197,20 @@ def _first_layer_of_top_blocks(layers, all_blocks, count: int) -> int:
     return next(i for i, layer in enumerate(layers) if layer is first_layer)
 
 
-def _count(variables) -> int:
+def parameter_count(variables) -> int:
+    """How many numbers the variables hold (shapes multiplied, summed).
+
+    Args:
+        variables: an iterable of variables (or anything with a `shape`).
+
+    Returns:
+        The count.
+
+    Example:
+    >>> import numpy as np
+    >>> parameter_count([np.zeros((3, 4)), np.zeros(5)])
+    17
+    """
     return int(sum(math.prod(v.shape) for v in variables))
 
 
@@ -236,8 +249,8 @@ def trainable_summary(model: keras.Model, print_fn=print) -> list[dict]:
         rows.append(
             {
                 "block": block.name,
-                "trainable": _count(trainable.values()),
-                "frozen": _count(frozen.values()),
+                "trainable": parameter_count(trainable.values()),
+                "frozen": parameter_count(frozen.values()),
             }
         )
     if backbone is not model:
@@ -245,8 +258,8 @@ def trainable_summary(model: keras.Model, print_fn=print) -> list[dict]:
         rows.append(
             {
                 "block": "head",
-                "trainable": _count(v for lyr in others for v in lyr.trainable_weights),
-                "frozen": _count(v for lyr in others for v in lyr.non_trainable_weights),
+                "trainable": parameter_count(v for lyr in others for v in lyr.trainable_weights),
+                "frozen": parameter_count(v for lyr in others for v in lyr.non_trainable_weights),
             }
         )
     if print_fn is not None:

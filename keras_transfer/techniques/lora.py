@@ -48,6 +48,7 @@ import keras
 import numpy as np
 
 from keras_transfer.backbones.blocks import get_backbone
+from keras_transfer.freezing import parameter_count
 from keras_transfer.staging import write_atomic
 
 # Layer names of the attention query / value projections: KerasHub's own
@@ -216,10 +217,6 @@ def _kernel_layer(layer) -> bool:
     )
 
 
-def _count(variables) -> int:
-    return int(sum(int(np.prod(v.shape)) for v in variables))
-
-
 def _report(model, rank, alpha, targets, layers, skipped) -> LoraReport:
     adapters = [getattr(layer, n) for layer in layers.values() for n in ADAPTER_NAMES]
     return LoraReport(
@@ -228,9 +225,9 @@ def _report(model, rank, alpha, targets, layers, skipped) -> LoraReport:
         targets=targets,
         layers=tuple(layers),
         skipped=tuple(skipped),
-        adapter_params=_count(adapters),
-        trainable_params=_count(model.trainable_weights),
-        total_params=_count(model.weights),
+        adapter_params=parameter_count(adapters),
+        trainable_params=parameter_count(model.trainable_weights),
+        total_params=parameter_count(model.weights),
     )
 
 
