@@ -24,6 +24,7 @@ import tensorflow as tf
 from keras_transfer import staging as staging_lib
 from keras_transfer.export import saved_model as saved_model_lib
 from keras_transfer.export import tflite as tflite_lib
+from keras_transfer.techniques import lora
 
 if TYPE_CHECKING:
     import keras_hub
@@ -121,6 +122,8 @@ def export_model(
     if "tflite" in formats:
         for quantization in quantizations:
             tflite_lib.check_quantization(model, quantization, representative_data)
+    # A LoRA model is merged once here, not once per format.
+    model = lora.deployable(model)
     result = {"saved_model": None, "tflite": []}
     if "saved_model" in formats:
         result["saved_model"] = saved_model_lib.saved_model(

@@ -558,6 +558,7 @@ def write_conversion_source(
     >>> os.path.isfile(f"{source}/saved_model.pb")
     True
     """
+    model = lora.deployable(model)  # the source holds merged kernels, no adapters
     length = _sequence_length(model, preprocessor) if signatures.is_token_model(model) else None
     archive = signatures.conversion_archive(float32_model(model), length)
     archive.write_out(folder, verbose=False)
