@@ -37,6 +37,15 @@ def tiny_text_classifier(num_classes=3, sequence_length=16, **kwargs):
     )
 
 
+def sharpen_head(model, std=3.0, seed=0):
+    """Large random head weights, so the outputs differ clearly between inputs."""
+    head = model.get_layer("head")
+    head.kernel.assign(
+        np.random.default_rng(seed).normal(0, std, head.kernel.shape).astype("float32")
+    )
+    return model
+
+
 def image_batch(n=8, size=SIZE, seed=0):
     return np.random.default_rng(seed).uniform(0, 255, (n, size, size, 3)).astype("float32")
 

@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import SIZE, image_batch, tiny_classifier
+from conftest import SIZE, image_batch, sharpen_head, tiny_classifier
 from PIL import Image
 
 from keras_transfer import export
@@ -77,11 +77,7 @@ def run_bytes_signature(version_dir, data, tmp_path):
 def model():
     keras.utils.set_random_seed(0)
     model = tiny_classifier(3, dropout=0.5, augmentation="standard")
-    # Non-trivial outputs: a head with large random weights.
-    head = model.get_layer("head")
-    kernel = np.random.default_rng(0).normal(0, 3, head.kernel.shape).astype("float32")
-    head.kernel.assign(kernel)
-    return model
+    return sharpen_head(model)  # non-trivial outputs
 
 
 @pytest.fixture(scope="module")

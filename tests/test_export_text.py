@@ -9,7 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import TINY_TEXT, run_cli, tiny_text_classifier
+from conftest import TINY_TEXT, run_cli, sharpen_head, tiny_text_classifier
 
 import keras_transfer as kt
 from keras_transfer import export
@@ -97,11 +97,7 @@ def tf_example(text):
 def model():
     keras.utils.set_random_seed(0)
     model = tiny_text_classifier(len(LABELS), SEQUENCE_LENGTH)
-    # Non-trivial outputs: a head with large random weights.
-    head = model.get_layer("head")
-    kernel = np.random.default_rng(0).normal(0, 3, head.kernel.shape).astype("float32")
-    head.kernel.assign(kernel)
-    return model
+    return sharpen_head(model)  # non-trivial outputs
 
 
 @pytest.fixture(scope="module")
