@@ -14,6 +14,11 @@ from keras_transfer import benchmarks
 from keras_transfer.benchmarks import Figure, Samples, interleave, resolve_suites, run_benchmarks
 from keras_transfer.benchmarks import caching as caching_suite
 from keras_transfer.benchmarks import export as export_suite
+from keras_transfer.benchmarks import pipeline as pipeline_suite
+from keras_transfer.benchmarks import scale as scale_suite
+from keras_transfer.benchmarks import techniques as techniques_suite
+from keras_transfer.benchmarks import time_to_accuracy as time_to_accuracy_suite
+from keras_transfer.benchmarks import utilisation as utilisation_suite
 from keras_transfer.benchmarks.timing import ratio_figures
 from keras_transfer.export import QUANTIZATIONS
 
@@ -135,6 +140,72 @@ def test_caching_suite_quick():
     assert figures["accuracy_difference"].met
     for figure in figures.values():
         assert_figure_schema(figure.to_dict())
+
+
+def test_pipeline_suite_quick():
+    figures = pipeline_suite.run(quick=True)
+    assert figures["ratio"].target == pipeline_suite.TARGET
+    for name in ("folder.images_per_s", "memory.images_per_s", "decode_images_per_s"):
+        assert figures[name].value > 0
+    for figure in figures.values():
+        assert_figure_schema(figure.to_dict())
+
+
+def test_scale_suite_quick():
+    figures = scale_suite.run(quick=True)
+    sizes = scale_suite.QUICK["sizes"]
+    for size in sizes:
+        assert figures[f"{size}.scan_ms_per_file"].value > 0
+        assert figures[f"{size}.images_per_s"].value > 0
+        assert "cache mode 'memory'" in figures[f"{size}.peak_mib"].notes
+    # The largest folder's peak memory is held to the image cache budget.
+    assert figures[f"{sizes[-1]}.peak_mib"].target == "<= 1024"
+    assert figures["throughput_vs_memory_cache"].target == scale_suite.THROUGHPUT_TARGET
+    for figure in figures.values():
+        assert_figure_schema(figure.to_dict())
+
+
+def test_utilisation_suite_quick():
+    figures = utilisation_suite.run(quick=True)
+    assert figures["peak_gflops"].value > 0
+    for side in ("training", "inference"):
+        assert 0 < figures[f"{side}_fraction"].value < 1
+    for figure in figures.values():
+        assert_figure_schema(figure.to_dict())
+
+
+def test_forward_flops_counts_a_dense_layer_by_hand():
+    import keras
+
+    inputs = keras.Input((5,))
+    model = keras.Model(inputs, keras.layers.Dense(4)(inputs))
+    # 5 x 4 multiply-adds (2 FLOPs each) plus 4 bias additions.
+    assert utilisation_suite.forward_flops(model) == 5 * 4 * 2 + 4
+
+
+def test_time_to_accuracy_suite_quick():
+    figures = time_to_accuracy_suite.run(quick=True)
+    for row in ("default", "keras_guide", "naive", "scratch"):
+        # Quick runs aim at accuracy 0: every row reaches it after its first epoch.
+        assert figures[f"{row}.epochs_to_target"].value == 1
+        assert 0 <= figures[f"{row}.test_accuracy"].value <= 1
+    assert figures["default_vs_naive_time"].target == time_to_accuracy_suite.TIME_RATIO_TARGET
+    assert figures["default_minus_best_other_accuracy"].target == ">= 0"
+    for figure in figures.values():
+        assert_figure_schema(figure.to_dict())
+
+
+def test_techniques_summary_reports_mean_and_min_of_margins():
+    per_seed = [{"margin": 0.04, "accuracy": 0.8}, {"margin": 0.01, "accuracy": 0.6}]
+    figures = techniques_suite.summarise("demo", per_seed, {"margin": ">= 0.02"})
+    assert figures["demo.margin.mean"].value == 0.025 and figures["demo.margin.mean"].met
+    assert figures["demo.margin.min"].value == 0.01 and not figures["demo.margin.min"].met
+    assert (
+        figures["demo.accuracy.mean"].value == 0.7 and figures["demo.accuracy.mean"].target is None
+    )
+    assert "demo.accuracy.min" not in figures
+    with pytest.raises(ValueError, match="did not return its target figures \\['gain'\\]"):
+        techniques_suite.summarise("demo", per_seed, {"gain": ">= 0"})
 
 
 def test_cli_benchmark_overhead_quick(tmp_path):

@@ -65,6 +65,50 @@ def test_image_folder_dataset_batches(image_folder):
     assert sorted(_collect(splits.validation)[1]) == [0, 1]
 
 
+def _epoch_signatures(dataset):
+    """Each image of one epoch as bytes, in the order the dataset gives them."""
+    images, _ = _collect(dataset)
+    return [image.tobytes() for image in images]
+
+
+@pytest.mark.parametrize("cache", ["auto", "path"])
+def test_folder_over_the_cache_budget_is_decoded_each_epoch_in_bounded_memory(
+    image_folder, tmp_path, monkeypatch, capsys, cache
+):
+    monkeypatch.setenv("KERAS_TRANSFER_IMAGE_CACHE_MB", "0")
+    cache = str(tmp_path / "cache" / "images") if cache == "path" else cache
+    if cache != "auto":
+        (tmp_path / "cache").mkdir()
+    reference = image_folder_dataset(image_folder, image_size=(8, 8), validation_split=0.0)
+    assert reference.info["cache"]["mode"] == "none"
+    assert "over the 0 MiB memory budget" in capsys.readouterr().out
+    splits = image_folder_dataset(
+        image_folder, image_size=(8, 8), validation_split=0.0, cache=cache, batch_size=3
+    )
+    assert splits.info["cache"]["mode"] == ("none" if cache == "auto" else "files")
+    epochs = [_epoch_signatures(splits.train) for _ in range(3)]
+    # Every image exactly once per epoch, the same pixels as an uncached read,
+    # in a new order each epoch.
+    expected = sorted(_epoch_signatures(reference.train))
+    assert all(sorted(epoch) == expected for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) > 1
+
+
+def test_plan_image_cache_keeps_small_folders_in_memory_and_checks_the_setting(monkeypatch):
+    from keras_transfer.data import plan_image_cache
+
+    monkeypatch.delenv("KERAS_TRANSFER_IMAGE_CACHE_MB", raising=False)
+    assert plan_image_cache(10_000, (128, 128))["mode"] == "memory"
+    plan = plan_image_cache(50_000, (128, 128))
+    assert plan["mode"] == "none" and plan["decoded_bytes"] == 50_000 * 128 * 128 * 3
+    assert plan_image_cache(50_000, (128, 128), cache=True)["mode"] == "memory"
+    with pytest.raises(ValueError, match="Received: cache=3.5"):
+        plan_image_cache(1, (8, 8), cache=3.5)
+    monkeypatch.setenv("KERAS_TRANSFER_IMAGE_CACHE_MB", "lots")
+    with pytest.raises(ValueError, match="KERAS_TRANSFER_IMAGE_CACHE_MB must be a number"):
+        plan_image_cache(1, (8, 8))
+
+
 def test_grey_image_becomes_rgb(image_folder):
     splits = image_folder_dataset(
         image_folder, image_size=(4, 4), validation_split=0.0, shuffle=False

@@ -43,7 +43,7 @@ def run(quick: bool = False) -> dict[str, Figure]:
     """Measures the `caching` suite.
 
     Args:
-        quick: the tiny random model at 32 px, 3 epochs (for tests).
+        quick: `workloads.smoke_classifier` at 32 px, 3 epochs (for tests).
 
     Returns:
         Figures: `speedup` (uncached / cached time per epoch after the
@@ -62,7 +62,12 @@ def run(quick: bool = False) -> dict[str, Figure]:
     settings = QUICK if quick else FULL
     epochs = settings["epochs"]
     data = workloads.fashion_mnist(quick)
-    model = workloads.classifier(len(data.class_names), quick)
+    num_classes = len(data.class_names)
+    model = (
+        workloads.smoke_classifier(num_classes)
+        if quick
+        else workloads.classifier(num_classes, quick)
+    )
     initial = model.get_weights()
     timer = EpochTimes()
 

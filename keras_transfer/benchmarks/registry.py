@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from keras_transfer.benchmarks import caching, export, overhead
+from keras_transfer.benchmarks import (
+    caching,
+    export,
+    overhead,
+    pipeline,
+    scale,
+    techniques,
+    time_to_accuracy,
+    utilisation,
+)
 from keras_transfer.benchmarks.figures import Figure
 from keras_transfer.data.splits import suggest
 
@@ -71,7 +80,7 @@ def resolve_suites(names: str | Sequence[str]) -> tuple[str, ...]:
     >>> resolve_suites("overhed")
     Traceback (most recent call last):
     ...
-    ValueError: `suite` must be names of ('overhead', 'export', 'caching') or 'all', separated by commas. Did you mean 'overhead'? Received: suite='overhed'
+    ValueError: `suite` must be names of ('overhead', 'export', 'caching', 'time_to_accuracy', 'pipeline', 'scale', 'utilisation', 'techniques') or 'all', separated by commas. Did you mean 'overhead'? Received: suite='overhed'
     """
     if isinstance(names, str):
         names = names.split(",")
@@ -100,5 +109,14 @@ def resolve_suites(names: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(chosen))
 
 
-for _name, _suite in (("overhead", overhead.run), ("export", export.run), ("caching", caching.run)):
+for _name, _suite in (
+    ("overhead", overhead.run),
+    ("export", export.run),
+    ("caching", caching.run),
+    ("time_to_accuracy", time_to_accuracy.run),
+    ("pipeline", pipeline.run),
+    ("scale", scale.run),
+    ("utilisation", utilisation.run),
+    ("techniques", techniques.run),
+):
     register_suite(_name, _suite)

@@ -10,13 +10,17 @@ from keras_transfer.data.catalog import (
     FASHION_MNIST_CLASSES,
     FOLDER_TEST_SPLIT,
     TEXT_DATASET_NAMES,
+    fashion_mnist_arrays,
     load_dataset,
 )
 from keras_transfer.data.images import (
+    IMAGE_CACHE_BUDGET,
     IMAGE_EXTENSIONS,
     array_dataset,
     decode_image_bytes,
+    image_cache_budget,
     image_folder_dataset,
+    plan_image_cache,
 )
 from keras_transfer.data.splits import DatasetSplits
 from keras_transfer.data.text import WORDNET_NOUN_CATEGORIES, load_wordnet_nouns, text_dataset
@@ -26,6 +30,7 @@ __all__ = [
     "DATASET_NAMES",
     "FASHION_MNIST_CLASSES",
     "FOLDER_TEST_SPLIT",
+    "IMAGE_CACHE_BUDGET",
     "IMAGE_EXTENSIONS",
     "TEXT_DATASET_NAMES",
     "TEXT_FILE_EXTENSIONS",
@@ -33,9 +38,12 @@ __all__ = [
     "DatasetSplits",
     "array_dataset",
     "decode_image_bytes",
+    "fashion_mnist_arrays",
+    "image_cache_budget",
     "image_folder_dataset",
     "load_dataset",
     "load_text_files",
     "load_wordnet_nouns",
+    "plan_image_cache",
     "text_dataset",
 ]

@@ -103,13 +103,32 @@ def _fashion_mnist_arrays(directory):
     return {"train": train, "test": test}
 
 
+def fashion_mnist_arrays() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """All of Fashion-MNIST as uint8 arrays, as `keras.datasets.fashion_mnist.load_data()`.
+
+    Read from the Debian `dataset-fashion-mnist` files (offline); downloaded
+    by Keras where they are absent.
+
+    Returns:
+        `((x_train, y_train), (x_test, y_test))`: `[60000, 28, 28]` and
+        `[10000, 28, 28]` images, labels 0..9 (`FASHION_MNIST_CLASSES`).
+
+    Example:
+
+    >>> (x_train, y_train), (x_test, y_test) = fashion_mnist_arrays()
+    >>> x_train.shape, x_test.dtype.name, int(y_train.max())
+    ((60000, 28, 28), 'uint8', 9)
+    """
+    arrays = _fashion_mnist_arrays(FASHION_MNIST_DIR)
+    return arrays["train"], arrays["test"]
+
+
 def _load_fashion_mnist(
     *, image_size, batch_size, validation_split, seed, max_per_class, max_test_per_class=None
 ):
     validate_split_options(batch_size, validation_split, 0.0)
     validate_max("max_test_per_class", max_test_per_class)
-    arrays = _fashion_mnist_arrays(FASHION_MNIST_DIR)
-    (x_train, y_train), (x_test, y_test) = arrays["train"], arrays["test"]
+    (x_train, y_train), (x_test, y_test) = fashion_mnist_arrays()
     rows = cap_per_class(y_train, max_per_class, seed)
     train, validation, _ = stratified_split(y_train[rows], validation_split, 0.0, seed)
     test = cap_per_class(y_test, max_test_per_class, seed)

@@ -39,6 +39,17 @@ _PROGRESS_MIN_FILES = 2000
 _PROGRESS_EVERY = 100
 # How many bad paths a warning or an error spells out.
 _MAX_LISTED = 5
+# `cache="auto"` keeps decoded images (uint8) in memory only when all splits
+# together fit this budget (1 GiB; the environment variable
+# KERAS_TRANSFER_IMAGE_CACHE_MB overrides it). Larger folders are decoded
+# again every epoch (or cached in files when `cache` is a path), so memory
+# does not grow with the number of files.
+IMAGE_CACHE_BUDGET = 1 << 30
+IMAGE_CACHE_BUDGET_ENV = "KERAS_TRANSFER_IMAGE_CACHE_MB"
+CACHE_MODES = ("auto", True, False)
+# Without an in-memory cache, the training split shuffles its file list every
+# epoch and then mixes decoded images in a buffer of this many.
+DECODED_SHUFFLE_BUFFER = 1024
 
 
 def class_files(directory: str, label: str, extensions: Sequence[str]) -> list[str]:
@@ -253,6 +264,75 @@ def decode_image_bytes(data: tf.Tensor, image_size: tuple[int, int]) -> tf.Tenso
     return tf.image.resize(image, image_size, antialias=True)
 
 
+def image_cache_budget() -> int:
+    """Bytes of decoded images `cache="auto"` keeps in memory (`IMAGE_CACHE_BUDGET`).
+
+    Returns:
+        The budget in bytes: `KERAS_TRANSFER_IMAGE_CACHE_MB` (MiB) when set,
+        else `IMAGE_CACHE_BUDGET`.
+
+    Raises:
+        ValueError: the environment variable is not a number >= 0.
+
+    Example:
+
+    >>> image_cache_budget() == IMAGE_CACHE_BUDGET or "KERAS_TRANSFER_IMAGE_CACHE_MB" in os.environ
+    True
+    """
+    value = os.environ.get(IMAGE_CACHE_BUDGET_ENV)
+    if value is None:
+        return IMAGE_CACHE_BUDGET
+    try:
+        megabytes = float(value)
+    except ValueError:
+        megabytes = -1.0
+    if not megabytes >= 0:
+        raise ValueError(
+            f"{IMAGE_CACHE_BUDGET_ENV} must be a number of MiB >= 0. Received: {value!r}"
+        )
+    return int(megabytes * (1 << 20))
+
+
+def plan_image_cache(count: int, image_size: Sequence[int], cache="auto") -> dict:
+    """Where `image_folder_dataset` keeps decoded images: memory, files or nowhere.
+
+    Args:
+        count: images in all splits together.
+        image_size: `(height, width)` after resizing.
+        cache: `"auto"` (memory if the decoded uint8 images fit
+            `image_cache_budget()`, else none), True (memory), False (none),
+            or a path (files `<path>.<split>`).
+
+    Returns:
+        `{"mode": "memory" | "files" | "none", "decoded_bytes": estimate,
+        "budget_bytes": budget or None, "path": path or None}`.
+
+    Raises:
+        ValueError: `cache` is none of those.
+
+    Example:
+
+    >>> plan_image_cache(1000, (224, 224))["mode"]
+    'memory'
+    >>> plan_image_cache(100_000, (224, 224), cache=False)["decoded_bytes"] // 2**20
+    14355
+    """
+    if not (cache in CACHE_MODES or isinstance(cache, (str, os.PathLike))) or cache == "":
+        raise ValueError(
+            f"`cache` must be one of {CACHE_MODES} or a file path prefix. Received: cache={cache!r}"
+        )
+    decoded = int(count) * int(image_size[0]) * int(image_size[1]) * 3
+    plan = {"mode": "none", "decoded_bytes": decoded, "budget_bytes": None, "path": None}
+    if cache == "auto":
+        plan["budget_bytes"] = image_cache_budget()
+        plan["mode"] = "memory" if decoded <= plan["budget_bytes"] else "none"
+    elif cache is True:
+        plan["mode"] = "memory"
+    elif cache is not False:
+        plan["mode"], plan["path"] = "files", os.fspath(cache)
+    return plan
+
+
 def _decode(image_size):
     def decode(path, label):
         image = decode_image_bytes(tf.io.read_file(path), image_size)
@@ -272,7 +352,7 @@ def image_folder_dataset(
     seed: int = 0,
     on_error: str = "skip",
     shuffle: bool = True,
-    cache: bool | str | os.PathLike = True,
+    cache: bool | str | os.PathLike = "auto",
     class_names: Sequence[str] | None = None,
 ) -> DatasetSplits:
     """Builds train / validation / test datasets from a folder of class folders.
@@ -295,8 +375,14 @@ def image_folder_dataset(
         on_error: `"skip"` leaves unreadable files out (listed in
             `info["skipped"]`, with a warning); `"raise"` raises.
         shuffle: shuffle the training split every epoch.
-        cache: True caches decoded images in memory, a path caches them in
-            files `<path>.<split>`, False does not cache.
+        cache: `"auto"` caches decoded images in memory when all splits fit
+            `image_cache_budget()` (1 GiB by default) and otherwise decodes
+            them again every epoch, saying so; True caches in memory, a path
+            caches them in files `<path>.<split>`, False does not cache.
+            Without an in-memory cache the training split shuffles its file
+            list every epoch and mixes decoded images in a bounded buffer
+            (`DECODED_SHUFFLE_BUFFER`), so memory stays flat however many
+            files there are. `info["cache"]` records the choice.
         class_names: the classes of a model to evaluate, in its output
             order: each subfolder is labelled by its name's index in this
             list, so a folder may hold any subset of them in any order; a
@@ -324,6 +410,7 @@ def image_folder_dataset(
         )
     image_size = validate_image_size(image_size)
     validate_split_options(batch_size, validation_split, test_split)
+    plan_image_cache(0, image_size, cache)  # checks `cache` before any work
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise FileNotFoundError(
@@ -366,7 +453,15 @@ def image_folder_dataset(
         if empty:
             raise ValueError(f"class folder '{empty[0]}' has no readable images")
     paths = np.array(paths)
-    datasets, info = {}, {"source": directory, "counts": {}, "skipped": skipped, "paths": {}}
+    plan = plan_image_cache(len(paths), image_size, cache)
+    if cache == "auto" and plan["mode"] == "none":
+        print(
+            f"Image cache: {len(paths)} images decode to ~{plan['decoded_bytes'] / 2**20:.0f} MiB, "
+            f"over the {plan['budget_bytes'] / 2**20:.0f} MiB memory budget "
+            f"({IMAGE_CACHE_BUDGET_ENV}): decoding them every epoch instead of caching."
+        )
+    info = {"source": directory, "counts": {}, "skipped": skipped, "paths": {}, "cache": plan}
+    datasets = {}
     for split, rows in zip(
         ("train", "validation", "test"),
         stratified_split(labels, validation_split, test_split, seed),
@@ -376,18 +471,38 @@ def image_folder_dataset(
         if not len(rows):
             datasets[split] = None
             continue
-        dataset = tf.data.Dataset.from_tensor_slices((paths[rows], labels[rows].astype(np.int32)))
-        datasets[split] = finish_pipeline(
-            dataset.map(_decode(image_size), num_parallel_calls=AUTOTUNE),
+        datasets[split] = _folder_pipeline(
+            paths[rows],
+            labels[rows].astype(np.int32),
+            plan,
+            image_size=image_size,
             training=shuffle and split == "train",
-            count=len(rows),
             batch_size=batch_size,
             seed=seed,
-            transform=to_float,
-            cache=cache if isinstance(cache, bool) else f"{os.fspath(cache)}.{split}",
+            split=split,
         )
     names = classes if class_names is None else [str(name) for name in class_names]
     return DatasetSplits(**datasets, class_names=names, info=info)
+
+
+def _folder_pipeline(paths, labels, plan, *, image_size, training, batch_size, seed, split):
+    """paths -> decode -> cache per `plan` -> shuffle -> batch -> float32 -> prefetch."""
+    dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
+    in_memory = plan["mode"] == "memory"
+    if training and not in_memory:
+        # The file list (a few bytes per image) is shuffled in full; decoded
+        # images only pass through a bounded buffer below.
+        dataset = dataset.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    return finish_pipeline(
+        dataset.map(_decode(image_size), num_parallel_calls=AUTOTUNE),
+        training=training,
+        count=len(paths),
+        batch_size=batch_size,
+        seed=seed,
+        transform=to_float,
+        cache={"memory": True, "none": False}.get(plan["mode"], f"{plan['path']}.{split}"),
+        shuffle_buffer=None if in_memory else DECODED_SHUFFLE_BUFFER,
+    )
 
 
 def _class_ids(classes, class_names, directory):

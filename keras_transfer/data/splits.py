@@ -119,16 +119,26 @@ def stratified_split(
 
 
 def finish_pipeline(
-    dataset: tf.data.Dataset, *, training, count, batch_size, seed, transform, cache=True
+    dataset: tf.data.Dataset,
+    *,
+    training,
+    count,
+    batch_size,
+    seed,
+    transform,
+    cache=True,
+    shuffle_buffer=None,
 ) -> tf.data.Dataset:
     """cache -> shuffle (train only) -> batch -> `transform` per batch -> prefetch.
 
     Shuffling after the cache reshuffles every epoch without decoding again.
+    The shuffle buffer holds `shuffle_buffer` examples (None: all `count`).
     """
     if cache:
         dataset = dataset.cache() if cache is True else dataset.cache(os.fspath(cache))
     if training:
-        dataset = dataset.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+        buffer = count if shuffle_buffer is None else min(count, shuffle_buffer)
+        dataset = dataset.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.batch(batch_size)
     dataset = dataset.map(transform, num_parallel_calls=AUTOTUNE)
     return dataset.prefetch(AUTOTUNE)
