@@ -175,8 +175,7 @@ def run(quick: bool = False) -> dict[str, Figure]:
 
     def scratch(clock):
         kwargs = {} if quick else {"bn_momentum": 0.9}
-        model = _model(quick, weights=None, bn_policy="train", **kwargs)
-        options = {key: value for key, value in SCRATCH.items() if key != "bn_policy"}
+        model = _model(quick, weights=None, bn_policy=SCRATCH["bn_policy"], **kwargs)
         fine_tune(
             model,
             splits.train,
@@ -186,7 +185,7 @@ def run(quick: bool = False) -> dict[str, Figure]:
             callbacks=[clock],
             verbose=0,
             jit_compile=jit,
-            **options,
+            **SCRATCH,
         )
         return model
 
