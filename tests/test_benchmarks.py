@@ -208,6 +208,32 @@ def test_techniques_summary_reports_mean_and_min_of_margins():
         techniques_suite.summarise("demo", per_seed, {"gain": ">= 0"})
 
 
+def test_techniques_suite_runs_every_effect_over_its_seeds(monkeypatch):
+    # Each effect's own test measures it (one seed); here: the modules conform
+    # and the suite calls every effect once per seed and summarises.
+    for name in techniques_suite.EFFECTS:
+        module = techniques_suite.effect_module(name)
+        assert module.TARGETS and all(isinstance(t, str) for t in module.TARGETS.values())
+    calls = []
+
+    class FakeEffect:
+        TARGETS = {"margin": ">= 0.1"}
+
+        @staticmethod
+        def measure(seed, quick=False):
+            calls.append((seed, quick))
+            return {"margin": 0.1 * (seed + 1), "accuracy": 0.5}
+
+    monkeypatch.setattr(techniques_suite, "EFFECTS", ("fake",))
+    monkeypatch.setattr(techniques_suite, "effect_module", lambda name: FakeEffect)
+    figures = techniques_suite.run(quick=False)
+    assert calls == [(seed, False) for seed in techniques_suite.SEEDS]
+    assert figures["fake.margin.mean"].value == 0.2 and figures["fake.margin.min"].met
+    assert figures["fake.seconds"].unit == "s"
+    for figure in figures.values():
+        assert_figure_schema(figure.to_dict())
+
+
 def test_cli_benchmark_overhead_quick(tmp_path):
     result = run_cli("benchmark", "--suite=overhead", "--quick", "--output=out", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
