@@ -186,7 +186,7 @@ def _preprocessing_layer(preprocessing) -> keras.layers.Layer | None:
     return ImagePreprocessing(preprocessing, name="preprocessing")
 
 
-def _features(
+def image_features(
     backbone,
     *,
     weights,
@@ -199,8 +199,23 @@ def _features(
 ):
     """Builds input -> [augmentation] -> [preprocessing] -> backbone -> pooling.
 
-    Returns `(inputs, features, backbone, name)`, `name` being the registry
-    or preset name (`"custom"` for a user's model).
+    The trunk every image builder shares (`build_image_classifier`,
+    `build_feature_extractor`, `techniques.build_multitask_model`); call it
+    under `build_scope`. Arguments are those of `build_image_classifier`,
+    with the backbone's own keyword arguments as one dict.
+
+    Returns:
+        `(inputs, features, backbone, name)`: the `keras.Input`, the pooled
+        features, the nested backbone model and the registry or preset name
+        (`"custom"` for a user's model).
+
+    Example:
+
+    >>> inputs, features, base, name = image_features(
+    ...     "mobilenet_v3_small", weights=None, input_shape=(32, 32, 3), pooling="avg",
+    ...     augmentation=None, bn_policy="frozen", preprocessing=None, backbone_kwargs={})
+    >>> features.shape, base.name, name
+    ((None, 576), 'backbone', 'mobilenet_v3_small')
     """
     _validate_choice("pooling", pooling, POOLINGS)
     _validate_choice("bn_policy", bn_policy, BN_POLICIES)
@@ -354,7 +369,7 @@ def build_image_classifier(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
     with build_scope(strategy, mixed_precision):
-        inputs, x, base, label = _features(
+        inputs, x, base, label = image_features(
             backbone,
             weights=weights,
             input_shape=input_shape,
@@ -412,7 +427,7 @@ def build_feature_extractor(
     (None, 2048)
     """
     with build_scope(strategy, mixed_precision):
-        inputs, x, base, _ = _features(
+        inputs, x, base, _ = image_features(
             backbone,
             weights=weights,
             input_shape=input_shape,

@@ -15,10 +15,11 @@ Usage:
   keras-transfer predict --model=RUN_DIR_OR_KERAS --images=FILE_OR_FOLDER[,...]
       --model=imagenet:efficientnet_lite0 uses the 1000-class ImageNet model.
   keras-transfer export --model=RUN_DIR_OR_KERAS --output=saved_models/NAME
-      [--format=saved_model,tflite] [--quantization=none,int8]
+      [--format=saved_model,tflite] [--quantization=none,int8] [--qat_epochs=N]
       SavedModel for TF Serving in NAME/<version>/, LiteRT files with a parity
       report in NAME/litert/. int8 calibrates on the run's training data
-      (or --data for a bare .keras file).
+      (or --data for a bare .keras file); --qat_epochs fine-tunes with
+      quantisation-aware training first.
   keras-transfer benchmark --suite=NAME[,NAME...]|all --output=DIR [--quick]
       Suites: overhead (training throughput vs plain Keras), export (LiteRT,
       SavedModel and Keras latency, size, accuracy), caching (cached features
@@ -77,6 +78,12 @@ flags.DEFINE_boolean(
     "--augmentation=none.",
 )
 flags.DEFINE_string(
+    "class_weight",
+    None,
+    "train: 'balanced' weighs each example by n_samples / (n_classes * count) of its class "
+    "(for imbalanced data); the weights go in the report.",
+)
+flags.DEFINE_string(
     "strategy",
     "auto",
     f"tf.distribute strategy (train), one of {', '.join(STRATEGIES)}: auto (Mirrored on several GPUs, OneDevice on one), "
@@ -104,6 +111,13 @@ flags.DEFINE_string(
 )
 flags.DEFINE_list("format", ["saved_model", "tflite"], "Export formats: saved_model, tflite.")
 flags.DEFINE_list("quantization", ["none"], "LiteRT modes: none, dynamic, float16, int8.")
+flags.DEFINE_integer(
+    "qat_epochs",
+    0,
+    "export: epochs of quantisation-aware training before an int8 export (0: off); the "
+    "QAT-tuned model is what every format exports.",
+    lower_bound=0,
+)
 flags.DEFINE_integer("version", None, "SavedModel version (default: the next free one).")
 flags.DEFINE_boolean(
     "overwrite",
@@ -112,7 +126,12 @@ flags.DEFINE_boolean(
     "--output_dir, or discard an unfinished one started with other settings.",
 )
 flags.DEFINE_boolean("quick", False, "Shrink the demo or benchmarks to a smoke run (for tests).")
-flags.DEFINE_list("suite", [], "Benchmark suites: overhead, export, caching, or all (benchmark).")
+flags.DEFINE_list(
+    "suite",
+    [],
+    "Benchmark suites: overhead, export, caching, time_to_accuracy, pipeline, scale, "
+    "utilisation, techniques, or all (benchmark).",
+)
 
 flags.DEFINE_float(
     "test_split",
@@ -185,6 +204,7 @@ def _train():
         mixed_precision=FLAGS.mixed_precision,
         jit_compile={"true": True, "false": False}.get(FLAGS.jit_compile, "auto"),
         cache_features=FLAGS.cache_features,
+        class_weight=FLAGS.class_weight,
         seed=FLAGS.seed,
     )
     # First: a multi-worker strategy must exist before TensorFlow runs anything.
@@ -259,6 +279,7 @@ def _export():
         data=FLAGS.data if FLAGS["data"].present else None,
         version=FLAGS.version,
         overwrite=FLAGS.overwrite,
+        qat_epochs=FLAGS.qat_epochs,
         data_options={
             key: getattr(FLAGS, key)
             for key in ("batch_size", "seed", "max_per_class", "max_test_per_class", "test_split")

@@ -10,10 +10,15 @@ and `kt.reports.write_run_report` read.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+from keras_transfer.heads import head_kind
+from keras_transfer.missing_labels import MISSING_CLASS
+from keras_transfer.training import output_heads
 
 # Timed calls of the compiled predict function on one batch, after one
 # untimed warm-up call (which traces the function). 20 gives a stable p95 for
@@ -206,12 +211,13 @@ def _per_class(matrix, class_names):
     return rows, macro
 
 
-def _predict_on_batch(model, batch) -> np.ndarray:
+def _predict_on_batch(model, batch):
+    """The model's outputs on a batch as numpy (a dict of arrays for several heads)."""
     if model.distribute_strategy.num_replicas_in_sync > 1:
         # Keras 3.15's predict_on_batch under a strategy with several replicas
         # runs the whole batch on each and concatenates the copies.
-        return np.asarray(model(batch, training=False))
-    return np.asarray(model.predict_on_batch(batch))
+        return keras.tree.map_structure(np.asarray, model(batch, training=False))
+    return keras.tree.map_structure(np.asarray, model.predict_on_batch(batch))
 
 
 def _predicted_classes(outputs):
@@ -291,11 +297,21 @@ def evaluate_classifier(
     predict function on the dataset's first batch, after one warm-up call,
     `latency_batches` times, and reports milliseconds per image.
 
+    A model with several heads (`techniques.build_multitask_model`) gets one
+    report per classification head (softmax, or one sigmoid unit): a dict
+    `{head: report}`. The dataset then yields `(images, {head: labels})`,
+    `class_names` is a dict by head (heads left out are named `"0"`, ...),
+    examples whose label is missing (-1 or NaN) are left out of that head's
+    report (`paths` still name every example), and the one latency figure is
+    in every report. Multi-label (several units) and regression heads are
+    not classifications of one label, so they get none.
+
     Args:
         model: a Keras classifier with one output of shape `(batch, classes)`.
         dataset: a batched `tf.data.Dataset` of `(images, labels)`; labels are
             integer classes (one-hot labels are accepted too).
-        class_names: one name per class; defaults to `"0"`, `"1"`, ...
+        class_names: one name per class; defaults to `"0"`, `"1"`, ... (a
+            dict of lists by head for a model with several heads).
         latency_batches: timed calls for the latency figures; 0 skips the
             measurement (then `report["latency"]` is None).
         top_k: k of the top-k accuracy (capped at the number of classes).
@@ -306,7 +322,8 @@ def evaluate_classifier(
         max_misclassified: how many misclassified examples to list.
 
     Returns:
-        A JSON-serialisable dict with `accuracy`, `num_examples`,
+        A JSON-serialisable dict (a dict of them by head for several heads)
+        with `accuracy`, `num_examples`,
         `class_names`, `per_class` (list of dicts with `class`, `precision`,
         `recall`, `f1`, `support`), `macro_avg` (`precision`, `recall`,
         `f1`), `confusion_matrix` (list of lists, rows true, columns
@@ -348,6 +365,14 @@ def evaluate_classifier(
         raise ValueError(
             f"`latency_batches` must be >= 0. Received: latency_batches={latency_batches}"
         )
+    options = {
+        "top_k": top_k,
+        "calibration_bins": calibration_bins,
+        "paths": None if paths is None else [str(p) for p in paths],
+        "max_misclassified": max_misclassified,
+    }
+    if isinstance(getattr(model, "output_shape", None), (list, dict)):
+        return _evaluate_heads(model, dataset, class_names, latency_batches, options)
     num_classes = _num_classes(model)
     if class_names is not None:
         class_names = [str(name) for name in class_names]
@@ -358,9 +383,7 @@ def evaluate_classifier(
             )
         num_classes = len(class_names)
 
-    if paths is not None:
-        paths = [str(p) for p in paths]
-    all_labels, all_predictions, all_outputs, first_images = [], [], [], None
+    all_labels, all_outputs, first_images = [], [], None
     for element in dataset:
         if not isinstance(element, tuple) or len(element) != 2:
             raise ValueError(
@@ -379,27 +402,31 @@ def evaluate_classifier(
                 f"`class_names` must have one name per class ({output_classes} for this "
                 f"model). Received: {num_classes} names: {class_names}"
             )
-        all_predictions.append(_predicted_classes(outputs))
         all_outputs.append(outputs.reshape(len(outputs), -1).astype(np.float64))
         all_labels.append(_true_classes(batch_labels.numpy(), num_classes))
     if first_images is None:
         raise ValueError("`dataset` must contain at least one batch. Received: an empty dataset")
     labels = np.concatenate(all_labels)
-    predictions = np.concatenate(all_predictions)
     if labels.size == 0:
         raise ValueError("`dataset` must contain at least one example. Received: 0 examples")
-    if class_names is None:
-        class_names = [str(i) for i in range(num_classes)]
-
     if paths is not None and len(paths) != labels.size:
         raise ValueError(
             f"`paths` must name every example of the dataset, in order ({labels.size}). "
             f"Received: {len(paths)} paths"
         )
+    latency = _measure_latency(model, first_images, latency_batches) if latency_batches else None
+    names = class_names or [str(i) for i in range(num_classes)]
+    return _report(np.concatenate(all_outputs), labels, names, latency, **options)
+
+
+def _report(
+    outputs, labels, class_names, latency, *, top_k, calibration_bins, paths, max_misclassified
+):
+    """The report of `evaluate_classifier` from outputs `[n, units]` and classes `[n]`."""
+    num_classes = len(class_names)
+    predictions = _predicted_classes(outputs)
     matrix = confusion_matrix(labels, predictions, num_classes)
     per_class, macro = _per_class(matrix, class_names)
-    latency = _measure_latency(model, first_images, latency_batches) if latency_batches else None
-    outputs = np.concatenate(all_outputs)
     ece, bins = expected_calibration_error(outputs, labels, calibration_bins)
     return {
         "accuracy": float(np.trace(matrix) / labels.size),
@@ -417,6 +444,68 @@ def evaluate_classifier(
         "calibration": {"ece": ece, "bins": bins},
         **_misclassified(outputs, labels, predictions, class_names, paths, max_misclassified),
     }
+
+
+def _evaluate_heads(model, dataset, class_names, latency_batches, options):
+    """`{head: report}` for each classification head of a model with several heads."""
+    heads = {}
+    for name, layer in output_heads(model).items():
+        kind = head_kind(layer)
+        if kind == "softmax" or (kind == "multi_label" and layer.units == 1):
+            heads[name] = _output_classes(layer.units)
+    class_names = {} if class_names is None else class_names
+    if not isinstance(class_names, Mapping) or set(class_names) - set(heads):
+        raise ValueError(
+            f"`class_names` of a model with several heads must be a dict keyed by the "
+            f"classification heads {list(heads)}. Received: {class_names!r:.200}"
+        )
+    names = {
+        head: [str(c) for c in class_names.get(head, range(count))] for head, count in heads.items()
+    }
+    bad = {head: len(names[head]) for head in heads if len(names[head]) != heads[head]}
+    if bad:
+        raise ValueError(
+            f"`class_names` must have one name per class ({heads} for this model). "
+            f"Received: {bad} names"
+        )
+    outputs, labels, first_images = {head: [] for head in heads}, {head: [] for head in heads}, None
+    for images, targets in dataset:
+        missing = [
+            head for head in heads if not isinstance(targets, Mapping) or head not in targets
+        ]
+        if missing:
+            raise ValueError(
+                f"`dataset` must yield (images, {{head: labels}}) with labels for the heads "
+                f"{list(heads)}. Received: none for {missing}"
+            )
+        first_images = images if first_images is None else first_images
+        predicted = _predict_on_batch(model, images)
+        for head, count in heads.items():
+            outputs[head].append(predicted[head].reshape(len(predicted[head]), -1))
+            labels[head].append(_true_classes(targets[head].numpy(), count))
+    if first_images is None:
+        raise ValueError("`dataset` must contain at least one batch. Received: an empty dataset")
+    latency = _measure_latency(model, first_images, latency_batches) if latency_batches else None
+    reports = {}
+    for head in heads:
+        head_labels = np.concatenate(labels[head])
+        paths = options["paths"]
+        if paths is not None and len(paths) != head_labels.size:
+            raise ValueError(
+                f"`paths` must name every example of the dataset, in order "
+                f"({head_labels.size}). Received: {len(paths)} paths"
+            )
+        labelled = ~np.isnan(head_labels.astype(np.float64)) & (head_labels != MISSING_CLASS)
+        if not labelled.any():
+            raise ValueError(f"Head {head!r} has no labelled example. Received: all missing")
+        reports[head] = _report(
+            np.concatenate(outputs[head]).astype(np.float64)[labelled],
+            head_labels[labelled].astype(np.int64),
+            names[head],
+            latency,
+            **{**options, "paths": None if paths is None else list(np.array(paths)[labelled])},
+        )
+    return reports
 
 
 def _misclassified(outputs, labels, predictions, class_names, paths, limit):

@@ -51,14 +51,17 @@ from keras_transfer.checkpoints import (
     restore_variables,
     save_state,
 )
+from keras_transfer.class_weights import format_class_weights, resolve_class_weight
 from keras_transfer.feature_cache import FeatureCache, as_feature_cache, check_cacheable
 from keras_transfer.freezing import resolve_bn_policy
 from keras_transfer.heads import DEFAULT_LABEL_SMOOTHING
 from keras_transfer.optimizers import DEFAULT_LR_SPREAD, DEFAULT_WEIGHT_DECAY
 from keras_transfer.stages import Stage, fit_stage
+from keras_transfer.techniques.multitask import uncertainty_training_view
 from keras_transfer.training import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_PATIENCE,
+    UNCERTAINTY,
     positive_number,
     prepare_training,
 )
@@ -398,6 +401,7 @@ def fine_tune(
     jit_compile="auto",
     backup_dir: str | None = None,
     cache_features: bool | str | FeatureCache = False,
+    class_weight=None,
     verbose="auto",
     **recipe_options,
 ) -> keras.callbacks.History:
@@ -450,7 +454,11 @@ def fine_tune(
         steps_per_epoch: needed when `train` has unknown length.
         loss: None (each head's default), a loss, or a dict by output name.
         metrics: None (defaults), a list, or a dict by output name.
-        loss_weights: per-head loss weights (dict by output name or list).
+        loss_weights: per-head loss weights (dict by output name or list),
+            or `"uncertainty"`: learned (Kendall et al. 2018, see
+            `kt.techniques.multitask`); `model` then trains through an
+            `UncertaintyWeighting` view that shares its layers, and the
+            history reports each head's `<head>_log_variance`.
         callbacks: extra Keras callbacks, used in every stage.
         strategy: the `tf.distribute.Strategy` the model was built under
             (`build_image_classifier(..., strategy=...)`); None: its own.
@@ -477,6 +485,14 @@ def fine_tune(
             inference-mode ones (see `fit_stage`). Under a strategy the
             feature pass runs on one device per worker and the head trains
             under the strategy.
+        class_weight: weigh each example's loss by its class, for
+            imbalanced data (one softmax head): None, `"balanced"`
+            (scikit-learn's `n_samples / (n_classes * count_c)`, from the
+            training labels; a dataset's labels are read once) or a dict
+            `{class index: weight > 0}` (other classes get 1). The weights
+            are printed when `verbose` and returned in
+            `history.params["class_weight"]`; every stage uses them, cached
+            or not.
         verbose: passed to `fit`.
         **recipe_options: options of the chosen recipe (`Recipe.options`).
 
@@ -484,6 +500,8 @@ def fine_tune(
         A `keras.callbacks.History` whose `history` merges all stages, with
         a `"stage"` entry giving each epoch's stage (1 or 2); after a resume
         it holds the epochs run before the interruption too.
+        `history.params["class_weight"]` holds the class weights used
+        (None without).
 
     Raises:
         ValueError: a bad value (nothing has trained then); with
@@ -519,6 +537,9 @@ def fine_tune(
                 f"Received: recipe={recipe!r}, cache_features={cache_features!r}"
             )
         check_cacheable(model)
+    if loss_weights == UNCERTAINTY:
+        # Trains `model` through a view that shares its layers and learns the weights.
+        model = uncertainty_training_view(model)
     policy = resolve_bn_policy(model, bn_policy)
     options = {
         "loss": loss,
@@ -534,6 +555,9 @@ def fine_tune(
     }
     # Everything is checked, and arrays become one shuffled pipeline, before stage 1.
     inputs = prepare_training(model, train, validation, strategy=strategy, seed=seed, **options)
+    weights = resolve_class_weight(model, train, class_weight)
+    if weights is not None and verbose:
+        print(format_class_weights(weights))
     state = None
     if backup_dir is not None:
         state = load_state(backup_dir, stages, inputs.strategy)
@@ -571,6 +595,7 @@ def fine_tune(
             strategy=inputs.strategy,
             jit_compile=jit_compile,
             cache_features=cache if cached else False,
+            class_weight=weights,
             seed=seed,
             verbose=verbose,
             **options,
@@ -584,7 +609,9 @@ def fine_tune(
         histories.append(history)
     if state is not None and not trained and state.weights is not None:
         restore_variables(model, backup_dir, state)  # every stage had finished
-    return _merge(histories)
+    merged = _merge(histories)
+    merged.params = {"class_weight": weights}
+    return merged
 
 
 def _as_history(values: dict) -> keras.callbacks.History:

@@ -44,6 +44,7 @@ from keras_transfer.builders import (
     build_text_classifier,
 )
 from keras_transfer.checkpoints import STATE_FILE
+from keras_transfer.class_weights import CLASS_WEIGHT_MODES
 from keras_transfer.data import (
     DatasetSplits,
     image_folder_dataset,
@@ -61,7 +62,7 @@ from keras_transfer.plots import (
 )
 from keras_transfer.recipes import DEFAULT_LORA_RANK, fine_tune, list_recipes
 from keras_transfer.reports import save_history_json, write_run_report
-from keras_transfer.techniques import lora
+from keras_transfer.techniques import lora, quantization
 from keras_transfer.training import check_number, positive_number
 
 MODEL_FILE = "model.keras"
@@ -130,6 +131,10 @@ class RunConfig:
             `fine_tune`): False, True (`"auto"`), `"memory"` or `"disk"`.
             Disk caches go in the run's checkpoint folder, removed when it
             finishes. Needs `augmentation="none"`.
+        class_weight: None, or `"balanced"`: weigh each training example
+            by `n_samples / (n_classes * count_c)` of its class (see
+            `fine_tune`); the weights go in the report and in the returned
+            report's `class_weights`.
         seed: seed for splits and initialisation.
 
     Every value is checked when the config is made; choices come from the
@@ -171,6 +176,7 @@ class RunConfig:
     mixed_precision: str | None = None
     jit_compile: bool | str = "auto"
     cache_features: bool | str = False
+    class_weight: str | None = None
     seed: int = 0
 
     def __post_init__(self):
@@ -180,6 +186,7 @@ class RunConfig:
         _choice("bn_policy", self.bn_policy, (None, *BN_POLICIES))
         _choice("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _choice("jit_compile", self.jit_compile, JIT_COMPILE)
+        _choice("class_weight", self.class_weight, (None, *CLASS_WEIGHT_MODES))
         if not isinstance(self.cache_features, bool) and (
             self.cache_features not in FEATURE_CACHE_MODES
         ):
@@ -601,6 +608,7 @@ def _fine_tune_run(config: RunConfig, model, splits, folder: str, strategy, verb
         callbacks=[keras.callbacks.TensorBoard(os.path.join(folder, "logs"))],
         backup_dir=os.path.join(folder, CHECKPOINT_DIR),
         cache_features=cache,
+        class_weight=config.class_weight,
         verbose=verbose,
         **lora_options,
     )
@@ -629,6 +637,9 @@ def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
     with open(os.path.join(folder, LABELS_FILE), "w", encoding="utf-8") as f:
         f.write("\n".join(splits.class_names) + "\n")
     settings = _settings(config)
+    weights = (history.params or {}).get("class_weight")
+    if weights:
+        settings["class_weights"] = {splits.class_names[c]: w for c, w in weights.items()}
     with open(os.path.join(folder, EVALUATION_FILE), "w", encoding="utf-8") as f:
         json.dump(evaluation, f, indent=2)
     save_history_json(history.history, os.path.join(folder, "history.json"))
@@ -665,6 +676,8 @@ def _train_into(config: RunConfig, folder: str, strategy, verbose) -> dict:
         title=f"Run: {config.backbone} on {config.data}",
     )
     evaluation["train_seconds"] = train_seconds
+    if weights:
+        evaluation["class_weights"] = settings["class_weights"]
     return evaluation
 
 
@@ -854,6 +867,7 @@ def export_run(
     overwrite: bool = False,
     num_evaluation_samples: int | None = None,
     data_options: dict | None = None,
+    qat_epochs: int = 0,
     verbose: bool = True,
 ) -> dict:
     """Exports a run (or a `.keras` file) with `kt.export.export_model`.
@@ -879,6 +893,11 @@ def export_run(
         num_evaluation_samples: cap on parity images (None: all).
         data_options: `load_dataset` arguments for a `data` name or folder
             (`batch_size`, `seed`, `max_per_class`, ...).
+        qat_epochs: epochs of quantisation-aware training
+            (`kt.techniques.quantization_aware`, on the training split,
+            calibrated like the int8 file) before exporting; 0: none. Needs
+            "int8" among `quantizations`; every format then exports the
+            QAT-tuned model (the run's own `model.keras` is not changed).
         verbose: print the parity table.
 
     Returns:
@@ -898,6 +917,13 @@ def export_run(
     """
     # Bad options and an unwritable output fail at once, before any data loads.
     formats, quantizations = export_options(formats, quantizations)
+    check_number("qat_epochs", qat_epochs, 0, integer=True)
+    if qat_epochs and ("int8" not in quantizations or "tflite" not in formats):
+        raise ValueError(
+            "Quantisation-aware training prepares an int8 LiteRT file: pass --format=tflite "
+            "and --quantization=int8 with --qat_epochs. Received: "
+            f"formats={formats}, quantizations={quantizations}, qat_epochs={qat_epochs}"
+        )
     model, class_names = load_run_model(run_dir)
     preprocessor = _run_preprocessor(run_dir)
     created = staging.writable_folder(output, "an export")
@@ -909,6 +935,13 @@ def export_run(
             )
         if splits is not None and class_names is None:
             class_names = splits.class_names
+        if qat_epochs:
+            quantization.quantization_aware(
+                model,
+                splits.train,
+                epochs=qat_epochs,
+                verbose=2 if verbose else 0,
+            )
         return export_model(
             model,
             output,

@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 from keras_transfer.callbacks import CallbackRelay, ProgressiveUnfreezing
+from keras_transfer.class_weights import format_class_weights, resolve_class_weight
 from keras_transfer.feature_cache import (
     FeatureCache,
     as_feature_cache,
@@ -139,6 +140,8 @@ def stage_optimizer(
     weight_decay: float = DEFAULT_WEIGHT_DECAY,
     lr_spread: float = DEFAULT_LR_SPREAD,
     lr_scale: float = 1.0,
+    optimizer: str = "adamw",
+    **optimizer_kwargs,
 ) -> keras.optimizers.Optimizer:
     """The optimizer a stage compiles: AdamW, warm-up + cosine, layer-wise LRs.
 
@@ -149,9 +152,12 @@ def stage_optimizer(
         weight_decay: AdamW decoupled weight decay.
         lr_spread: head LR / stem LR for discriminative stages.
         lr_scale: multiplies the stage's peak LR (linear scaling rule).
+        optimizer: the Keras optimizer's name; the recipes use `"adamw"`
+            (`techniques.dann` uses `"sgd"`).
+        **optimizer_kwargs: more arguments of that optimizer (`momentum`).
 
     Returns:
-        An unbuilt layer-wise AdamW.
+        An unbuilt layer-wise optimizer (AdamW by default).
 
     Example:
 
@@ -165,10 +171,15 @@ def stage_optimizer(
     total_steps = max(steps * stage.epochs, 1)
     schedule = warmup_cosine(stage.learning_rate * lr_scale, total_steps, WARMUP_FRACTION)
     # A fixed name: saved optimizer variables are found by path on resume.
-    options = {"learning_rate": schedule, "weight_decay": weight_decay, "name": "adamw"}
+    options = {
+        "learning_rate": schedule,
+        "weight_decay": weight_decay,
+        "name": optimizer,
+        **optimizer_kwargs,
+    }
     if stage.discriminative:
-        return discriminative_optimizer(model, "adamw", spread=lr_spread, **options)
-    return layerwise_optimizer("adamw", **options)
+        return discriminative_optimizer(model, optimizer, spread=lr_spread, **options)
+    return layerwise_optimizer(optimizer, **options)
 
 
 def stage_callbacks(
@@ -271,6 +282,7 @@ def fit_stage(
     seed: int = 0,
     jit_compile="auto",
     cache_features: bool | str | FeatureCache = False,
+    class_weight=None,
     verbose="auto",
 ) -> keras.callbacks.History:
     """Runs one stage of a recipe: set what trains, compile, `fit`.
@@ -321,6 +333,9 @@ def fit_stage(
         cache_features: False, True (`"auto"`: in memory up to
             `FEATURE_CACHE_MEMORY_BUDGET`, else on disk), `"memory"`,
             `"disk"`, or a `FeatureCache` (mode, folder, memory budget).
+        class_weight: None, `"balanced"` (computed from `train`'s labels,
+            printed when `verbose`) or `{class index: weight}`; see
+            `kt.class_weights.resolve_class_weight`. Cached or not.
         verbose: passed to `fit`; not 0 also prints the feature cache's
             estimated size.
 
@@ -373,6 +388,9 @@ def fit_stage(
         strategy=strategy,
         seed=seed,
     )
+    weights = resolve_class_weight(model, train, class_weight)
+    if isinstance(class_weight, str) and verbose:
+        print(format_class_weights(weights))
     policy = resolve_bn_policy(model, bn_policy)
     losses = {
         "loss": loss,
@@ -407,6 +425,7 @@ def fit_stage(
         "steps_per_epoch": steps_per_epoch,
         "verbose": verbose,
         "shuffle": False,
+        "class_weight": weights,
     }
     if cache is None:
         return model.fit(
@@ -417,6 +436,8 @@ def fit_stage(
         )
     with inputs.strategy.scope():
         frozen, head = split_at_head(model)
+        if getattr(model, "learns_loss_weights", False):
+            head = model.view_of(head)  # the same learned loss weights (uncertainty)
         # The model's optimizer (loss-scaled under mixed_float16): one state,
         # saved with the model by checkpoints.
         head.compile(

@@ -25,11 +25,19 @@ from keras_transfer.heads import (
     default_metrics,
     head_kind,
 )
+from keras_transfer.missing_labels import (
+    check_missing_labels,
+    masked_default_loss,
+    masked_default_metrics,
+)
 from keras_transfer.optimizers import DEFAULT_LR_SPREAD, DEFAULT_WEIGHT_DECAY
 
 DEFAULT_PATIENCE = 3
 DEFAULT_BATCH_SIZE = 32
 LR_SCALING = (None, "linear")
+# `loss_weights` that are learned, not given: Kendall et al. 2018's
+# uncertainty weighting (`techniques.multitask.UncertaintyWeighting`).
+UNCERTAINTY = "uncertainty"
 
 
 def check_number(name, value, low, high=None, *, optional=False, integer=False) -> None:
@@ -206,7 +214,9 @@ def compile_arguments(
     sparse cross-entropy with label smoothing; multi-label: binary
     cross-entropy; regression: mean squared error) and its targets are
     checked against that kind. With several heads, `loss` and `metrics` may
-    be dicts keyed by output name (missing heads get their defaults).
+    be dicts keyed by output name (missing heads get their defaults), and
+    the default losses and metrics skip missing labels (-1 for a class, NaN
+    for a float target: `keras_transfer.missing_labels`).
 
     Args:
         model: the model to compile.
@@ -214,7 +224,9 @@ def compile_arguments(
             a dict of them for several heads); None skips the checks.
         loss: None, a loss for every head, or a dict by output name.
         metrics: None (defaults), a list, or a dict by output name.
-        loss_weights: None, or a dict by output name / a list.
+        loss_weights: None, a dict by output name / a list, or
+            `"uncertainty"` for a model that learns them
+            (`techniques.multitask.UncertaintyWeighting`).
         label_smoothing: for the default softmax and multi-label losses.
 
     Returns:
@@ -263,22 +275,60 @@ def compile_arguments(
             spec = specs.get(name)
             if spec is not None:
                 check_labels(kind, layer.units, spec.shape, spec.dtype.as_numpy_dtype)
-            losses[name] = default_loss(kind, label_smoothing)
+            losses[name] = (
+                default_loss(kind, label_smoothing)
+                if single
+                else masked_default_loss(kind, label_smoothing)
+            )
         if name in given_metrics:
             metric_lists[name] = given_metrics[name]
+        elif kind:
+            metric_lists[name] = default_metrics(kind) if single else masked_default_metrics(kind)
         else:
-            metric_lists[name] = default_metrics(kind) if kind else []
+            metric_lists[name] = []
     if loss_weights is not None:
         if single:
             raise ValueError(
                 "`loss_weights` is for models with several heads. "
                 f"Received: loss_weights={loss_weights!r}"
             )
-        _by_output("loss_weights", loss_weights, heads)
+        if isinstance(loss_weights, str):
+            _check_learned_weights(model, loss_weights)
+        else:
+            _by_output("loss_weights", loss_weights, heads)
     if single:
         name = next(iter(heads))
         return {"loss": losses[name], "metrics": metric_lists[name], "loss_weights": None}
     return {"loss": losses, "metrics": metric_lists, "loss_weights": loss_weights}
+
+
+def _check_learned_weights(model, loss_weights):
+    if loss_weights != UNCERTAINTY:
+        raise ValueError(
+            f"`loss_weights` must be a dict by output name, a list, or {UNCERTAINTY!r}. "
+            f"Received: loss_weights={loss_weights!r}"
+        )
+    if not getattr(model, "learns_loss_weights", False):
+        raise ValueError(
+            f"loss_weights={UNCERTAINTY!r} learns a weight per head while training: "
+            "`fine_tune` trains through kt.techniques.multitask.UncertaintyWeighting(model); "
+            "with `fit_stage`, make that wrapper once and pass it to every stage. "
+            f"Received: model {model.name!r} of type {type(model).__name__}"
+        )
+
+
+def _check_target_values(model, data):
+    """Targets given as arrays, several heads: each holds labels or its missing-label sentinel."""
+    heads = output_heads(model)
+    if len(heads) < 2 or not isinstance(data, tuple) or not isinstance(data[1], Mapping):
+        return
+    for name, layer in heads.items():
+        if name in data[1]:
+            try:
+                kind = head_kind(layer)
+            except ValueError:  # a custom output layer: nothing known to check
+                continue
+            check_missing_labels(name, kind, layer.units, data[1][name])
 
 
 def _by_output(argument, value, heads):
@@ -396,6 +446,8 @@ def prepare_training(
         )
     strategy = resolve_strategy(model, strategy)
     _global_batch(batch_size, strategy)
+    _check_target_values(model, train)
+    _check_target_values(model, validation)
     train = shard_by_data(as_dataset(train, batch_size, seed=seed, name="train"))
     validation = as_dataset(validation, batch_size, seed=seed, name="validation")
     if validation is not None:

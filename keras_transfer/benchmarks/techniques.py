@@ -19,7 +19,17 @@ import time
 from keras_transfer.benchmarks.figures import Figure
 
 # The effects, in the order they run: modules of keras_transfer.benchmarks.effects.
-EFFECTS = ("distillation", "multitask", "ensemble", "continual", "class_imbalance")
+EFFECTS = (
+    "distillation",
+    "multitask",
+    "ensemble",
+    "continual",
+    "class_imbalance",
+    "dann",
+    "mmd",
+    "pruning",
+    "quantization",
+)
 # Three seeds for the full suite, one for the smoke run.
 SEEDS = (0, 1, 2)
 QUICK_SEEDS = (0,)
@@ -43,7 +53,7 @@ def effect_module(name: str):
     >>> effect_module("no_such_effect")
     Traceback (most recent call last):
     ...
-    ValueError: `name` must be one of ('distillation', 'multitask', 'ensemble', 'continual', 'class_imbalance'). Received: name='no_such_effect'
+    ValueError: `name` must be one of ('distillation', 'multitask', 'ensemble', 'continual', 'class_imbalance', 'dann', 'mmd', 'pruning', 'quantization'). Received: name='no_such_effect'
     """
     if name not in EFFECTS:
         raise ValueError(f"`name` must be one of {EFFECTS}. Received: name={name!r}")

@@ -4,6 +4,11 @@ Both take a plain `keras.Model` and write files; see `saved_model` and `tflite`.
 """
 
 from keras_transfer.export.bundle import FORMATS, export_model, export_options
+from keras_transfer.export.quantization_report import (
+    QuantizationReport,
+    format_quantization_report,
+    quantization_report,
+)
 from keras_transfer.export.saved_model import next_version, saved_model, write_models_config
 from keras_transfer.export.signatures import (
     BYTES_INPUT,
@@ -38,6 +43,7 @@ __all__ = [
     "PROBABILITIES",
     "QUANTIZATIONS",
     "ParityReport",
+    "QuantizationReport",
     "SCORES",
     "SERVING_BYTES",
     "SERVING_DEFAULT",
@@ -49,7 +55,9 @@ __all__ = [
     "float32_model",
     "float_ops",
     "format_parity_table",
+    "format_quantization_report",
     "next_version",
+    "quantization_report",
     "read_tflite_labels",
     "saved_model",
     "tflite",

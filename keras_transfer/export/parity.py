@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import time
+import warnings
 from collections.abc import Sequence
 
 import keras
@@ -183,15 +184,31 @@ class _LiteRunner:
     when not).
     """
 
-    def __init__(self, path):
-        with _logged_native_output("interpreter"):
-            self.interpreter = _litert_interpreter()(model_path=path, num_threads=os.cpu_count())
+    def __init__(self, path, preserve_all_tensors=False):
+        options = {}
+        if preserve_all_tensors:
+            # Every intermediate tensor readable after a call (the per-layer
+            # quantisation report): no delegate, whose fused kernels keep
+            # their intermediates to themselves.
+            from ai_edge_litert.interpreter import OpResolverType
+
+            options = {
+                "experimental_preserve_all_tensors": True,
+                "experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+            }
+        with _logged_native_output("interpreter"), warnings.catch_warnings():
+            # LiteRT warns that preserving tensors costs memory: here it is the point.
+            warnings.filterwarnings("ignore", "Warning: Enabling `experimental_preserve_all")
+            self.interpreter = _litert_interpreter()(
+                model_path=path, num_threads=os.cpu_count(), **options
+            )
             self.runner = self.interpreter.get_signature_runner(signatures.SERVING_DEFAULT)
         self.inputs = self.runner.get_input_details()
         self.input_dtype = next(iter(self.inputs.values()))["dtype"]
-        self.output_quant = self.runner.get_output_details()[signatures.PROBABILITIES][
-            "quantization"
-        ]
+        self.output_quant = {
+            name: details["quantization"]
+            for name, details in self.runner.get_output_details().items()
+        }
 
     def zeros(self):
         """One batch of a single all-zero example, in the file's input shapes."""
@@ -217,11 +234,14 @@ class _LiteRunner:
             name: self._input(name, example[name] if name in example else self._zeros(name))
             for name in self.inputs
         }
-        y = self.runner(**feed)[signatures.PROBABILITIES]
-        if y.dtype != np.float32:
-            scale, zero = self.output_quant
-            y = (y.astype("float32") - zero) * scale
-        return y[0]
+        outputs = {}
+        for name, y in self.runner(**feed).items():
+            if y.dtype != np.float32:
+                scale, zero = self.output_quant[name]
+                y = (y.astype("float32") - zero) * scale
+            outputs[name] = y[0]
+        # One head: its `probabilities`; several: `{<head>_probabilities: ...}`.
+        return outputs.get(signatures.PROBABILITIES, outputs)
 
 
 def _keras_inputs(model, inputs):
@@ -258,13 +278,24 @@ def _measure(report, model, path, inputs, labels):
     report.latency_ms_p95 = float(np.percentile(times, 95))
     if not compare:
         return
-    lite = np.stack(lite)
     reference = model.predict(_keras_inputs(model, inputs), batch_size=32, verbose=0)
-    reference = np.asarray(reference, "float32")
+    if isinstance(reference, dict):  # several heads, `<head>_probabilities` in the file
+        pairs = [
+            (
+                np.stack([row[f"{name}_{signatures.PROBABILITIES}"] for row in lite]),
+                np.asarray(value, "float32"),
+            )
+            for name, value in reference.items()
+        ]
+    else:
+        pairs = [(np.stack(lite), np.asarray(reference, "float32"))]
     report.num_examples = len(examples)
-    report.top1_agreement = float(np.mean(lite.argmax(-1) == reference.argmax(-1)))
-    report.max_abs_diff = float(np.abs(lite - reference).max())
-    if labels is not None:
+    report.top1_agreement = float(
+        np.mean([np.mean(a.argmax(-1) == b.argmax(-1)) for a, b in pairs])
+    )
+    report.max_abs_diff = float(max(np.abs(a - b).max() for a, b in pairs))
+    lite, reference = pairs[0]
+    if labels is not None and len(pairs) == 1:
         labels = labels.reshape(-1) if labels.ndim > 1 and labels.shape[-1] == 1 else labels
         truth = labels.argmax(-1) if labels.ndim > 1 else labels
         report.keras_accuracy = float(np.mean(reference.argmax(-1) == truth))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import keras
@@ -88,7 +88,7 @@ def saved_model(
     model: keras.Model,
     export_dir: str,
     version: int | None = None,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     *,
     top_k: int = signatures.DEFAULT_TOP_K,
     overwrite: bool = False,
@@ -105,7 +105,11 @@ def saved_model(
     `labels`, `classes` and `scores` (top-`top_k`). The model runs in inference
     mode (no augmentation, no dropout) with float32 inputs and outputs, also
     under a mixed-precision policy. Labels are stored as the asset
-    `assets/labels.txt`.
+    `assets/labels.txt`. A model with several named outputs (e.g.
+    `kt.techniques.build_multitask_model`) returns `<task>_probabilities`
+    and, for the tasks in `labels={task: [names]}`, `<task>_classes` and
+    `<task>_scores` (assets `<task>_labels.txt`); it has no `classify`
+    signature.
 
     A text model (`build_text_classifier`) with a preprocessor gets
     `serving_default` with input `text` (`tf.string [batch]`, tokenised in
@@ -120,7 +124,9 @@ def saved_model(
         model: a built Keras model, e.g. from `build_image_classifier`.
         export_dir: the model's folder, `<export root>/<name>`.
         version: version number; None takes the next free one.
-        labels: class names, one per model output; None for no `classes`.
+        labels: class names, one per model output; None for no `classes`;
+            a dict `{output name: class names}` for a model with several
+            outputs.
         top_k: number of `classes` / `scores` per image.
         overwrite: replace an existing `version`; otherwise it is an error.
         warmup_data: a few real inputs for TF Serving's warm-up records

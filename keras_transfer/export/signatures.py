@@ -4,7 +4,11 @@ A Keras model exported as is gets signature keys such as `keras_tensor_176`
 and `output_0` (keras-team/keras#19458, tensorflow/tensorflow#48157). Here
 every endpoint is a `tf.function` whose inputs and outputs are named. Every
 signature returns `probabilities` and, with labels, `classes` (top-k label
-strings) and `scores` (their probabilities).
+strings) and `scores` (their probabilities). A model with several named
+outputs (`techniques.build_multitask_model`) returns them for each:
+`<task>_probabilities` and, with `labels={task: [names]}`, `<task>_classes`
+and `<task>_scores` (each task's labels an asset `<task>_labels.txt`); it
+gets no `classify` signature (TF Serving's Classify API has one head).
 
 Image models (one `[batch, h, w, 3]` input):
 
@@ -48,7 +52,7 @@ builtin op set has no WordPiece tokenizer.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import keras
@@ -97,14 +101,26 @@ def is_image_model(model: keras.Model) -> bool:
     )
 
 
-def validate_labels(model: keras.Model, labels: Sequence[str] | None) -> list[str] | None:
-    """Checks `labels` against the model's output width; returns them as a list."""
+def validate_labels(
+    model: keras.Model, labels: Sequence[str] | Mapping[str, Sequence[str]] | None
+) -> list[str] | dict[str, list[str]] | None:
+    """Checks `labels` against the model's output width; returns them as a list.
+
+    A model with several named outputs takes a dict `{output name: labels}`
+    (outputs without labels are left out) and gets a dict of lists back.
+    """
     if labels is None:
         return None
+    if has_several_outputs(model):
+        return _labels_by_output(model, labels)
+    return _label_list(labels, model.output_shape)
+
+
+def _label_list(labels, outputs):
+    """`labels` as a list of strings, one per class of an output of shape `outputs`."""
     if isinstance(labels, str):
         raise TypeError(f"`labels` must be a sequence of class names. Received: labels={labels!r}")
     labels = [str(label) for label in labels]
-    outputs = model.output_shape
     if isinstance(outputs, list) or len(outputs) != 2:
         raise ValueError(
             "`labels` needs a model with one `[batch, num_classes]` output. "
@@ -119,6 +135,31 @@ def validate_labels(model: keras.Model, labels: Sequence[str] | None) -> list[st
     if bad:
         raise ValueError(f"Labels must be non-empty single lines. Received: {bad[:3]!r}")
     return labels
+
+
+def has_several_outputs(model: keras.Model) -> bool:
+    """True when `model`'s outputs are a dict or list (named heads), not one tensor."""
+    return isinstance(model.output_shape, (list, dict))
+
+
+def _labels_by_output(model, labels):
+    names = list(model.output_names)
+    if not isinstance(labels, Mapping):
+        raise TypeError(
+            f"A model with several outputs {names} takes `labels` as a dict "
+            f"{{output name: [class names]}}. Received: {type(labels).__name__}"
+        )
+    unknown = sorted(set(labels) - set(names))
+    if unknown:
+        raise ValueError(f"`labels` keys must be output names {names}. Received: {unknown}")
+    shapes = dict(zip(names, model.output_shape, strict=True))
+    result = {}
+    for name, head_labels in labels.items():
+        try:
+            result[name] = _label_list(head_labels, shapes[name])
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"labels[{name!r}]: {error}") from None
+    return result
 
 
 def image_size(model: keras.Model) -> tuple[int, int]:
@@ -206,8 +247,8 @@ def serving_preprocessor(
     return preprocessor
 
 
-def _named_outputs(model, archive, labels=None, labels_file=None, top_k=DEFAULT_TOP_K):
-    """A function from the model's outputs to the named, float32 outputs of a signature."""
+def _head_outputs(archive, labels=None, labels_file=None, top_k=DEFAULT_TOP_K, prefix=""):
+    """A function from one head's output to its named, float32 signature outputs."""
     table = None
     if labels:
         initializer = tf.lookup.TextFileInitializer(
@@ -221,20 +262,41 @@ def _named_outputs(model, archive, labels=None, labels_file=None, top_k=DEFAULT_
         archive.track(table)
     k = min(top_k, len(labels)) if labels else 0
 
-    def named_outputs(outputs):
-        if isinstance(outputs, dict):
-            return {name: tf.cast(value, tf.float32) for name, value in outputs.items()}
-        if isinstance(outputs, (list, tuple)):
-            return {
-                name: tf.cast(value, tf.float32)
-                for name, value in zip(model.output_names, outputs, strict=True)
-            }
-        probabilities = tf.cast(outputs, tf.float32)
-        result = {PROBABILITIES: probabilities}
+    def head_outputs(output):
+        probabilities = tf.cast(output, tf.float32)
+        result = {prefix + PROBABILITIES: probabilities}
         if table is not None:
             scores, indices = tf.math.top_k(probabilities, k=k)
-            result[CLASSES] = table.lookup(tf.cast(indices, tf.int64))
-            result[SCORES] = scores
+            result[prefix + CLASSES] = table.lookup(tf.cast(indices, tf.int64))
+            result[prefix + SCORES] = scores
+        return result
+
+    return head_outputs
+
+
+def _named_outputs(model, archive, labels=None, labels_file=None, top_k=DEFAULT_TOP_K):
+    """A function from the model's outputs to the named, float32 outputs of a signature.
+
+    Several outputs (a dict or list) are named `<output>_probabilities`,
+    `<output>_classes`, `<output>_scores`; `labels` and `labels_file` are
+    then dicts by output name.
+    """
+    if not has_several_outputs(model):
+        return _head_outputs(archive, labels, labels_file, top_k)
+    labels, labels_file = labels or {}, labels_file or {}
+    heads = {
+        name: _head_outputs(
+            archive, labels.get(name), labels_file.get(name), top_k, prefix=f"{name}_"
+        )
+        for name in model.output_names
+    }
+
+    def named_outputs(outputs):
+        if isinstance(outputs, (list, tuple)):
+            outputs = dict(zip(model.output_names, outputs, strict=True))
+        result = {}
+        for name, value in outputs.items():
+            result.update(heads[name](value))
         return result
 
     return named_outputs
@@ -301,8 +363,8 @@ def _add_classify(archive, labels, feature, serve):
 
 def serving_archive(
     model: keras.Model,
-    labels: list[str] | None = None,
-    labels_file: str | None = None,
+    labels: list[str] | dict[str, list[str]] | None = None,
+    labels_file: str | dict[str, str] | None = None,
     top_k: int = DEFAULT_TOP_K,
     preprocessor: keras_hub.models.TextClassifierPreprocessor | None = None,
 ) -> keras.export.ExportArchive:
@@ -314,9 +376,11 @@ def serving_archive(
 
     Args:
         model: a built Keras model.
-        labels: class names (validated), or None.
+        labels: class names (validated), or None; for a model with several
+            outputs, a dict of them by output name.
         labels_file: path of a file holding `labels`, one per line; it becomes
-            a SavedModel asset read by a lookup table in the graph.
+            a SavedModel asset read by a lookup table in the graph (a dict
+            of paths by output name, as `staging_labels` returns).
         top_k: how many `classes` / `scores` per example.
         preprocessor: for a text model, the preprocessor returned by
             `serving_preprocessor`: `serving_default` then takes strings.
@@ -343,7 +407,7 @@ def serving_archive(
         archive.add_endpoint(
             SERVING_BYTES, serve_bytes, [tf.TensorSpec([None], tf.string, name=BYTES_INPUT)]
         )
-        if labels:
+        if labels and not isinstance(labels, dict):
             _add_classify(archive, labels, BYTES_INPUT, serve_bytes)
         return archive
 
@@ -362,7 +426,7 @@ def serving_archive(
         archive.add_endpoint(
             SERVING_DEFAULT, serve_text, [tf.TensorSpec([None], tf.string, name=TEXT_INPUT)]
         )
-        if labels:
+        if labels and not isinstance(labels, dict):
             _add_classify(archive, labels, TEXT_INPUT, serve_text)
     else:
         specs = {
@@ -458,8 +522,19 @@ def write_labels(labels: Sequence[str], path: str) -> str:
     return path
 
 
-def staging_labels(labels: list[str] | None, directory: str) -> str | None:
-    """Writes `labels` into `directory` for use as an asset (None without labels)."""
+def staging_labels(
+    labels: list[str] | dict[str, list[str]] | None, directory: str
+) -> str | dict[str, str] | None:
+    """Writes `labels` into `directory` for use as an asset (None without labels).
+
+    Labels by output name go to `<output>_labels.txt` each; a dict of paths
+    comes back.
+    """
     if not labels:
         return None
+    if isinstance(labels, dict):
+        return {
+            name: write_labels(names, os.path.join(directory, f"{name}_{LABELS_ASSET}"))
+            for name, names in labels.items()
+        }
     return write_labels(labels, os.path.join(directory, LABELS_ASSET))

@@ -32,7 +32,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import keras
@@ -232,6 +232,8 @@ def _text_metadata(flatbuffer, model, labels, version, description, preprocessor
 
 def _with_metadata(flatbuffer, model, labels, normalization, version, description, preprocessor):
     """Standard metadata: MediaPipe's `ImageClassifier` / BERT `TextClassifier` read it."""
+    if signatures.has_several_outputs(model):
+        return flatbuffer  # MediaPipe's classifiers read one head: labels go beside the file
     if not signatures.is_image_model(model):
         return _text_metadata(flatbuffer, model, labels, version, description, preprocessor)
     mean_std = image_normalization(model, normalization)
@@ -299,7 +301,7 @@ def tflite(
     representative_data: tf.data.Dataset | np.ndarray | None = None,
     *,
     evaluation_data: tf.data.Dataset | tuple | np.ndarray | None = None,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
     io_type: str = "float32",
     num_calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES,
     num_evaluation_samples: int | None = None,
@@ -317,7 +319,11 @@ def tflite(
     0..255, `[batch, h, w, 3]`), or for a text model `token_ids` and
     `padding_mask` (int32 `[batch, sequence_length]`, mask 1 for tokens and 0
     for padding; strings cannot go in: the TFLite builtin op set has no
-    WordPiece tokenizer); output `probabilities`. The model runs in
+    WordPiece tokenizer); output `probabilities` (for a model with several
+    named outputs, `<output>_probabilities` each: no MediaPipe metadata
+    then, the labels go beside the file as `<stem>.<output>.labels.txt`, and
+    the parity report's agreement is the mean over the outputs, its max
+    difference the largest, its accuracies None). The model runs in
     inference mode (augmentation and dropout off). Quantisation modes:
     `"none"` (float32), `"dynamic"` (int8 weights, float activations),
     `"float16"` (float16 weights) and `"int8"` (image models only:
@@ -338,7 +344,8 @@ def tflite(
             token dicts (`[n, sequence_length]` arrays) in place of images.
             None compares on the calibration images (int8) or only
             measures size and latency.
-        labels: class names; written beside the file and into its metadata.
+        labels: class names; written beside the file and into its metadata
+            (a dict by output name for a model with several outputs).
         io_type: input/output dtype: "float32", or "uint8"/"int8" (int8 only).
         num_calibration_samples: calibration images taken from
             `representative_data`.
@@ -455,7 +462,10 @@ def tflite(
     )
     staging_lib.write_atomic(path, flatbuffer)
     stem = path[: -len(".tflite")] if path.endswith(".tflite") else path
-    if labels:
+    if isinstance(labels, dict):
+        for name, names in labels.items():
+            signatures.write_labels(names, f"{stem}.{name}.labels.txt")
+    elif labels:
         signatures.write_labels(labels, f"{stem}.labels.txt")
     report.size_bytes = os.path.getsize(path)
 
