@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import numpy as np
@@ -37,14 +38,17 @@ TARGET = ">= 0.95"
 FULL = {"images": 640, "jpeg_size": 128, "epochs": 4, "repeats": 3, "batch_size": 32}
 QUICK = {"images": 40, "jpeg_size": 48, "epochs": 2, "repeats": 3, "batch_size": 8}
 NUM_CLASSES = 10
+JPEG_QUALITY = 90
 
 
 def write_jpeg_folder(folder: str, count: int, size: int) -> None:
-    """The first `count` Fashion-MNIST training images as `size` px JPEGs, a folder per class.
+    """The first `count` Fashion-MNIST training images as `size` px RGB JPEGs, a folder per class.
+
+    Files are named by their index (`000123.jpg`), so a subset is easy to pick.
 
     Args:
         folder: where the class folders `class_0` ... `class_9` go.
-        count: how many images.
+        count: how many images (up to 60,000).
         size: the side of each JPEG (upscaled from 28 px, bilinear).
 
     Returns:
@@ -61,11 +65,16 @@ def write_jpeg_folder(folder: str, count: int, size: int) -> None:
     from PIL import Image
 
     (images, labels), _ = fashion_mnist_arrays()
-    for index in range(count):
-        folder_name = os.path.join(folder, f"class_{labels[index]}")
-        os.makedirs(folder_name, exist_ok=True)
+    for label in np.unique(labels[:count]):
+        os.makedirs(os.path.join(folder, f"class_{label}"), exist_ok=True)
+
+    def write(index):
         image = Image.fromarray(images[index]).convert("RGB").resize((size, size))
-        image.save(os.path.join(folder_name, f"{index:05d}.jpg"), quality=90)
+        path = os.path.join(folder, f"class_{labels[index]}", f"{index:06d}.jpg")
+        image.save(path, quality=JPEG_QUALITY)
+
+    with ThreadPoolExecutor() as pool:  # Pillow releases the GIL while encoding.
+        list(pool.map(write, range(count)))
 
 
 def _decoded_arrays(splits, image_size):

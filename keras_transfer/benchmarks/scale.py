@@ -28,9 +28,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from keras_transfer.benchmarks.figures import Figure
+from keras_transfer.benchmarks.pipeline import write_jpeg_folder
 from keras_transfer.benchmarks.timing import Samples
 
 FULL = {"sizes": (1_000, 10_000, 50_000), "image_size": 128, "repeats": 5}
@@ -42,27 +42,6 @@ BATCH_SIZE = 64
 # Throughput of the default at the smallest folder vs the old in-memory setting
 # (5 interleaved fresh processes per side: a process reads 1k files in about a second).
 THROUGHPUT_TARGET = ">= 0.9"
-JPEG_QUALITY = 90
-
-
-def _write_jpegs(folder: str, count: int) -> None:
-    """`count` Fashion-MNIST training images as 64 px JPEGs in ten class folders."""
-    from PIL import Image
-
-    from keras_transfer.data.catalog import fashion_mnist_arrays
-
-    (images, labels), _ = fashion_mnist_arrays()
-    for label in range(10):
-        os.makedirs(os.path.join(folder, f"class_{label}"), exist_ok=True)
-
-    def write(index):
-        row = index % len(images)
-        image = Image.fromarray(images[row]).resize((SOURCE_SIZE, SOURCE_SIZE))
-        path = os.path.join(folder, f"class_{labels[row]}", f"{index:06d}.jpg")
-        image.save(path, quality=JPEG_QUALITY)
-
-    with ThreadPoolExecutor() as pool:
-        list(pool.map(write, range(count)))
 
 
 def _link_subset(source: str, folder: str, count: int) -> None:
@@ -204,7 +183,7 @@ def run(quick: bool = False) -> dict[str, Figure]:
     try:
         largest = os.path.join(root, str(sizes[-1]))
         start = time.perf_counter()
-        _write_jpegs(largest, sizes[-1])
+        write_jpeg_folder(largest, sizes[-1], SOURCE_SIZE)
         for size in sizes[:-1]:
             _link_subset(largest, os.path.join(root, str(size)), size)
         setup = (
