@@ -111,6 +111,8 @@ def _plain_fit(model, splits, clock, stages, jit_compile):
             splits.train,
             validation_data=splits.validation,
             epochs=epochs,
+            # The dataset shuffles itself; Keras warns about its own default here.
+            shuffle=False,
             verbose=0,
             callbacks=[clock],
         )
