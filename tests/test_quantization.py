@@ -13,30 +13,49 @@ from keras_transfer.techniques.quantization_graph import ActivationQuantizer, si
 SIZE = 16
 
 
-def _outlier_model():
-    """conv_a -> conv_b -> pooling -> head, where conv_b's int8 kernel is ruined.
+def _dead_channel_cnn(
+    filters=8, num_classes=3, stale_weight=30.0, stem=False, live_bias=None, seed=0
+):
+    """[conv_0 ->] conv_a -> conv_b -> pooling -> head, where conv_b's int8 kernel is ruined.
 
-    conv_a's channel 0 is dead (zero weights, negative bias, ReLU), and
-    conv_b weighs that channel by 30 in every output channel: the weight
-    changes nothing in float, but it sets each output channel's int8 scale
-    to 30/127, so conv_b's real weights (about 0.1) all round to zero.
+    Channel 0 of `conv_a` is dead (zero kernel, bias -1, ReLU), as ReLU
+    units die in training, and `conv_b` keeps a stale weight of
+    `stale_weight` on it in every output channel. Neither gets a gradient
+    (the channel is always 0), so float training is unaffected; but each of
+    `conv_b`'s per-channel int8 scales becomes `stale_weight / 127`, larger
+    than its real weights, which post-training quantisation rounds away.
+    `stem` adds a 3x3 convolution before `conv_a` (which then has stride
+    2); `live_bias` sets the other channels' bias of `conv_a` (None: as
+    initialised).
     """
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input((SIZE, SIZE, 3), name="image")
     x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv_a")(x)
-    x = keras.layers.Conv2D(8, 1, activation="relu", name="conv_b")(x)
+    if stem:
+        x = keras.layers.Conv2D(filters, 3, activation="relu", name="conv_0")(x)
+    x = keras.layers.Conv2D(filters, 3, strides=2 if stem else 1, activation="relu", name="conv_a")(
+        x
+    )
+    x = keras.layers.Conv2D(filters, 1, activation="relu", name="conv_b")(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(x))
+    head = keras.layers.Dense(num_classes, activation="softmax", name="head")
+    model = keras.Model(inputs, head(x))
     conv_a, conv_b = model.get_layer("conv_a"), model.get_layer("conv_b")
-    kernel = conv_a.kernel.numpy()
-    kernel[..., 0] = 0.0
+    kernel, bias = conv_a.kernel.numpy(), conv_a.bias.numpy()
+    if live_bias is not None:
+        bias[:] = live_bias
+    kernel[..., 0], bias[0] = 0.0, -1.0
     conv_a.kernel.assign(kernel)
-    conv_a.bias.assign(np.r_[-1.0, np.full(7, 0.1)].astype("float32"))
+    conv_a.bias.assign(bias)
     kernel = conv_b.kernel.numpy()
-    kernel[0, 0, 0, :] = 30.0
+    kernel[0, 0, 0, :] = stale_weight
     conv_b.kernel.assign(kernel)
     return model
+
+
+def _outlier_model():
+    """Untrained, 8 channels: a scale of 30/127 rounds conv_b's weights (about 0.1) to zero."""
+    return _dead_channel_cnn(live_bias=0.1)
 
 
 def _images(n=16, seed=0):
@@ -273,36 +292,6 @@ def test_activation_quantizer_rounds_to_the_int8_grid_and_round_trips(tmp_path):
     assert float(loaded.get_layer("quant").maximum.numpy()) == pytest.approx(3.0, abs=step)
 
 
-def _dead_channel_cnn(stale_weight=60.0, seed=0):
-    """A small CNN on digits whose `conv_b` is quantisation-hostile, float untouched.
-
-    Channel 0 of `conv_a` is dead (zero kernel, negative bias, ReLU), as
-    ReLU units die in training, and `conv_b` keeps a stale weight of
-    `stale_weight` on it in every output channel. Neither gets a gradient
-    (the channel is always 0), so float training is unaffected; but each of
-    `conv_b`'s per-channel int8 scales becomes `stale_weight / 127` (0.47),
-    about twice its real weights, which post-training quantisation rounds
-    away.
-    """
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((SIZE, SIZE, 3), name="image")
-    x = keras.layers.Rescaling(1 / 255.0)(inputs)
-    x = keras.layers.Conv2D(32, 3, activation="relu", name="conv_0")(x)
-    x = keras.layers.Conv2D(32, 3, strides=2, activation="relu", name="conv_a")(x)
-    x = keras.layers.Conv2D(32, 1, activation="relu", name="conv_b")(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    model = keras.Model(inputs, keras.layers.Dense(10, activation="softmax", name="head")(x))
-    conv_a, conv_b = model.get_layer("conv_a"), model.get_layer("conv_b")
-    kernel, bias = conv_a.kernel.numpy(), conv_a.bias.numpy()
-    kernel[..., 0], bias[0] = 0.0, -1.0
-    conv_a.kernel.assign(kernel)
-    conv_a.bias.assign(bias)
-    kernel = conv_b.kernel.numpy()
-    kernel[0, 0, 0, :] = stale_weight
-    conv_b.kernel.assign(kernel)
-    return model
-
-
 @pytest.mark.slow
 def test_int8_after_qat_is_closer_to_float_than_after_ptq(tmp_path):
     # Measured with seeds 0 / 1 / 2 (int8 test accuracy on the 359 held-out
@@ -313,7 +302,9 @@ def test_int8_after_qat_is_closer_to_float_than_after_ptq(tmp_path):
 
     splits = kt.data.load_dataset("digits", image_size=(SIZE, SIZE), batch_size=32, seed=0)
     train, test = _as_arrays(splits.train), _as_arrays(splits.test)
-    model = _dead_channel_cnn()
+    # 32 channels trained on digits; a stale weight of 60 sets scales of 0.47,
+    # about twice conv_b's real weights.
+    model = _dead_channel_cnn(32, 10, stale_weight=60.0, stem=True)
     model.compile(
         optimizer=keras.optimizers.Adam(3e-3),
         loss="sparse_categorical_crossentropy",
